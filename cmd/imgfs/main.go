@@ -1,0 +1,123 @@
+// Command imgfs is a drop-in replacement for qemu-img that can also mount
+// a directory of disk images as a FUSE filesystem.
+//
+// Each qemu-img command lives in its own file and adds itself to commands
+// from init. Arguments are normalised by getopt (getopt.go) first, so that
+// options may follow file names and short options may be clustered, as
+// qemu-img's getopt_long allows.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/urfave/cli/v2"
+
+	_ "github.com/imgfs/imgfs/formats/all"
+)
+
+// commands is filled by init functions of the command files.
+var commands []*cli.Command
+
+// prog is the name error messages start with: the name we were invoked
+// by, so that a symlink named qemu-img prints "qemu-img: ...".
+var prog = "imgfs"
+
+func main() {
+	os.Exit(run(os.Args, os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 {
+		prog = filepath.Base(args[0])
+	}
+	app := newApp(stdout, stderr)
+	if len(args) < 2 {
+		fmt.Fprintf(stderr, "%s: Not enough arguments\nTry '%s --help' for more information\n", prog, prog)
+		return 1
+	}
+	switch args[1] {
+	case "-h", "--help":
+		fmt.Fprint(stdout, programHelp())
+		return 0
+	case "-V", "--version":
+		fmt.Fprint(stdout, versionText())
+		return 0
+	case "-T", "--trace":
+		fmt.Fprintf(stderr, "%s: tracing is not supported: imgfs has no QEMU trace events\n", prog)
+		return 1
+	}
+	cmd := app.Command(args[1])
+	if cmd == nil {
+		fmt.Fprintf(stderr, "%s: Command not found: %s\nTry '%s --help' for more information\n", prog, args[1], prog)
+		return 1
+	}
+	norm, err := permute(cmd, args[2:])
+	if err != nil {
+		fmt.Fprintf(stderr, "%s: %v\nTry '%s --help' for more information\n", prog, err, prog)
+		return 1
+	}
+	err = app.Run(append([]string{args[0], args[1]}, norm...))
+	return exitCode(err, stderr)
+}
+
+func newApp(stdout, stderr io.Writer) *cli.App {
+	return &cli.App{
+		Name:            prog,
+		Usage:           "QEMU disk image utility",
+		Commands:        commands,
+		Writer:          stdout,
+		ErrWriter:       stderr,
+		HideHelpCommand: true,
+		HideVersion:     true,
+		// Errors are printed by exitCode in qemu-img's format.
+		ExitErrHandler: func(*cli.Context, error) {},
+	}
+}
+
+// exitStatus is an error that carries a specific exit code. A nil Err
+// means the message was already printed (check's and compare's reports).
+type exitStatus struct {
+	code int
+	err  error
+}
+
+func (e *exitStatus) Error() string {
+	if e.err == nil {
+		return fmt.Sprintf("exit status %d", e.code)
+	}
+	return e.err.Error()
+}
+
+// withCode makes err exit with code instead of 1.
+func withCode(code int, err error) error { return &exitStatus{code: code, err: err} }
+
+// usageError is a wrong command line; it adds qemu-img's "Try --help" hint.
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func exitCode(err error, stderr io.Writer) int {
+	if err == nil {
+		return 0
+	}
+	code := 1
+	var es *exitStatus
+	if errors.As(err, &es) {
+		code = es.code
+		err = es.err
+	}
+	if err == nil {
+		return code
+	}
+	var ue usageError
+	if errors.As(err, &ue) {
+		fmt.Fprintf(stderr, "%s: %s\nTry '%s --help' for more information\n", prog, ue.msg, prog)
+		return code
+	}
+	fmt.Fprintf(stderr, "%s: %v\n", prog, err)
+	return code
+}

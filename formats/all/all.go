@@ -1,0 +1,8 @@
+// Package all registers every image format driver; import it for its
+// side effect.
+package all
+
+import (
+	_ "github.com/imgfs/imgfs/formats/qcow2"
+	_ "github.com/imgfs/imgfs/formats/raw"
+)

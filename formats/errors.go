@@ -1,0 +1,18 @@
+package formats
+
+import "errors"
+
+// Sentinel errors. Drivers wrap them with %w and the offsets and values
+// that explain them.
+var (
+	// ErrWrongFormat: the file is not an image of this driver's format.
+	ErrWrongFormat = errors.New("image is not in this format")
+	// ErrUnsupported: a valid image uses a feature imgfs does not support.
+	ErrUnsupported = errors.New("unsupported")
+	// ErrCorrupt: the image's metadata is inconsistent or out of bounds.
+	ErrCorrupt = errors.New("image is corrupt")
+	// ErrReadOnly: a write to an image opened read-only.
+	ErrReadOnly = errors.New("image is read-only")
+	// ErrInvalidOption: a creation or open option has a bad name or value.
+	ErrInvalidOption = errors.New("invalid option")
+)

@@ -1,0 +1,175 @@
+// Package formats defines what a disk image is to imgfs: the Image
+// interface every driver implements, the optional capabilities a driver
+// may add, the driver registry with format probing, backing chains, and
+// qemu-style creation options.
+//
+// A driver lives in its own subpackage (formats/raw, formats/qcow2, ...)
+// and registers itself from init. It knows its on-disk layout and nothing
+// about the command line or FUSE.
+package formats
+
+import (
+	"context"
+	"io"
+)
+
+// Image is an open disk image: the guest-visible bytes, addressed by guest
+// offset. Implementations are safe for concurrent use. Reads past Size
+// return io.EOF; reads of unallocated ranges fall through to the backing
+// image or return zeroes.
+type Image interface {
+	io.ReaderAt
+	io.WriterAt
+	// Size is the virtual size in bytes.
+	Size() int64
+	// BlockStatus describes the longest run of bytes starting at off (at
+	// most length bytes, never past Size) that share one status in this
+	// layer alone: a driver does not look into its backing image here.
+	// The chain walk is formats.ChainStatus.
+	BlockStatus(off, length int64) (Extent, error)
+	// Flush makes every completed write durable.
+	Flush() error
+	Close() error
+	// Format is the driver name ("qcow2", "raw", ...).
+	Format() string
+	// Filename is the name the image was opened by.
+	Filename() string
+}
+
+// Status flags of an Extent, modelled on QEMU's BDRV_BLOCK_* bits.
+type Status uint8
+
+const (
+	// StatusData: reads return data stored by this layer.
+	StatusData Status = 1 << iota
+	// StatusZero: reads return zeroes.
+	StatusZero
+	// StatusOffsetValid: Extent.Offset is the host offset of the data in
+	// Extent.File (a raw mapping qemu-img map reports).
+	StatusOffsetValid
+	// StatusCompressed: the data is stored compressed.
+	StatusCompressed
+)
+
+// Allocated reports whether this layer decides the content of the range
+// (QEMU's BDRV_BLOCK_ALLOCATED); otherwise the backing image does.
+func (s Status) Allocated() bool { return s&(StatusData|StatusZero) != 0 }
+
+// Extent is one run of BlockStatus.
+type Extent struct {
+	Length int64
+	Status Status
+	// Offset is the host offset of the first byte when StatusOffsetValid.
+	Offset int64
+	// File is the host file Offset refers to, when StatusOffsetValid.
+	File string
+}
+
+// Backed is implemented by images that can have a backing image.
+type Backed interface {
+	// Backing returns the open backing image, or nil.
+	Backing() Image
+	// BackingInfo returns the backing file name and format as stored in
+	// the image header ("" when none), even when the backing image was
+	// not opened.
+	BackingInfo() (name, format string)
+}
+
+// Zeroer writes zeroes efficiently. With mayUnmap the driver may
+// deallocate the range as long as it still reads as zeroes.
+type Zeroer interface {
+	WriteZeroes(off, length int64, mayUnmap bool) error
+}
+
+// Discarder drops the data in a range. Afterwards the range reads as
+// zeroes or, for images with a backing file, as the backing data.
+type Discarder interface {
+	Discard(off, length int64) error
+}
+
+// Resizer changes the virtual size.
+type Resizer interface {
+	Resize(size int64, prealloc string, shrink bool) error
+}
+
+// Describer reports what `qemu-img info` shows about an image beyond
+// size, format and file name.
+type Describer interface {
+	Describe() (*Description, error)
+}
+
+// Description is the driver-specific part of an image's info.
+type Description struct {
+	ClusterSize int64 // 0 when the format has none
+	Encrypted   bool
+	// DirtyFlag is reported only when HasDirtyFlag.
+	HasDirtyFlag bool
+	DirtyFlag    bool
+	Snapshots    []Snapshot
+	// FormatSpecific is the ImageInfoSpecific data, e.g. the qcow2
+	// compat level; nil when the format has none.
+	FormatSpecific *Specific
+}
+
+// Specific is a QAPI ImageInfoSpecific union: a type name and its data.
+type Specific struct {
+	Type string
+	Data Object
+}
+
+// Snapshot is one internal snapshot as `info` and `snapshot -l` list it.
+type Snapshot struct {
+	ID          string
+	Name        string
+	VMStateSize uint64
+	DateSec     uint32
+	DateNsec    uint32
+	VMClockNsec uint64
+	ICount      uint64 // valid when HasICount
+	HasICount   bool
+}
+
+// CheckMode selects what Check repairs.
+type CheckMode int
+
+const (
+	CheckReadOnly CheckMode = iota
+	// CheckFixLeaks repairs leaked clusters (`-r leaks`).
+	CheckFixLeaks
+	// CheckFixAll repairs leaks and errors (`-r all`).
+	CheckFixAll
+)
+
+// Checker verifies (and optionally repairs) an image's metadata.
+type Checker interface {
+	Check(ctx context.Context, mode CheckMode, report func(msg string)) (*CheckResult, error)
+}
+
+// CheckResult mirrors QEMU's BdrvCheckResult.
+type CheckResult struct {
+	Corruptions        int64
+	Leaks              int64
+	CheckErrors        int64
+	CorruptionsFixed   int64
+	LeaksFixed         int64
+	ImageEndOffset     int64
+	TotalClusters      int64
+	AllocatedClusters  int64
+	FragmentedClusters int64
+	CompressedClusters int64
+}
+
+// CompressedWriter writes whole compressed clusters; convert -c uses it.
+// Compress is safe for concurrent use so clusters compress on all cores;
+// WriteCompressed stores what Compress produced.
+type CompressedWriter interface {
+	// CompressionUnit is the size of the clusters Compress takes.
+	CompressionUnit() int64
+	// Compress compresses one cluster of src into dst's storage. It
+	// returns ok=false when compression does not make the cluster
+	// smaller; the caller then writes src uncompressed.
+	Compress(dst, src []byte) (out []byte, ok bool)
+	// WriteCompressed stores a compressed cluster at guest offset off,
+	// which is aligned to CompressionUnit.
+	WriteCompressed(off int64, compressed []byte) error
+}
