@@ -1,6 +1,9 @@
 package formats
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+)
 
 // Sentinel errors. Drivers wrap them with %w and the offsets and values
 // that explain them.
@@ -16,3 +19,19 @@ var (
 	// ErrInvalidOption: a creation or open option has a bad name or value.
 	ErrInvalidOption = errors.New("invalid option")
 )
+
+// Error is an error whose text is exactly QEMU's message while it still
+// matches a sentinel with errors.Is, for messages the command line must
+// print verbatim.
+type Error struct {
+	Msg  string
+	Kind error
+}
+
+func (e *Error) Error() string { return e.Msg }
+func (e *Error) Unwrap() error { return e.Kind }
+
+// Errorf formats a QEMU-worded message and tags it with the sentinel kind.
+func Errorf(kind error, format string, args ...any) error {
+	return &Error{Msg: fmt.Sprintf(format, args...), Kind: kind}
+}

@@ -35,13 +35,25 @@ func OpenFile(name string, readOnly, direct bool) (*File, error) {
 	return &File{f: f, name: name, readOnly: readOnly}, nil
 }
 
-// CreateFile creates (or truncates) a host file for a new image.
+// CreateFile creates (or empties) a host file for a new image. As QEMU's
+// file-posix create does, it locks the file for writing and resizing
+// before emptying it, so an image another process uses is not destroyed;
+// the locks last until the file is closed.
 func CreateFile(name string) (*File, error) {
-	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+	osf, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("Could not create '%s': %w", name, errnoOf(err))
 	}
-	return &File{f: f, name: name}, nil
+	f := &File{f: osf, name: name}
+	if _, err := LockFile(f, Perms{Hold: PermWrite | PermResize, Share: PermAll &^ PermResize}); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := f.Truncate(0); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("Could not resize file: %w", errnoOf(err))
+	}
+	return f, nil
 }
 
 // errnoOf strips the *PathError so messages read like QEMU's
@@ -132,6 +144,12 @@ func (f *File) Allocate(off, length int64) error {
 // PunchHole deallocates [off, off+length); the range reads as zeroes.
 func (f *File) PunchHole(off, length int64) error {
 	return unix.Fallocate(int(f.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+}
+
+// ZeroRange makes [off, off+length) read as zeroes and keeps it
+// allocated (FALLOC_FL_ZERO_RANGE); it may grow the file.
+func (f *File) ZeroRange(off, length int64) error {
+	return unix.Fallocate(int(f.f.Fd()), unix.FALLOC_FL_ZERO_RANGE, off, length)
 }
 
 // DataStatus reports whether off lies in data or in a hole, and how many

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
 	"sort"
 	"strconv"
 	"strings"
@@ -42,11 +43,11 @@ type OptionSpec struct {
 }
 
 // ProtocolOptions are the file protocol's creation options, which QEMU
-// appends to every format's own.
+// appends to every format's own, in file-posix's table order.
 var ProtocolOptions = []OptionSpec{
 	{Name: "size", Type: OptSize, Help: "Virtual disk size"},
-	{Name: "preallocation", Type: OptString, Help: "Preallocation mode (allowed values: off, falloc, full)"},
 	{Name: "nocow", Type: OptBool, Help: "Turn off copy-on-write (valid only on btrfs)"},
+	{Name: "preallocation", Type: OptString, Help: "Preallocation mode (allowed values: off, falloc, full)"},
 	{Name: "extent_size_hint", Type: OptSize, Help: "Extent size hint for the image file, 0 to disable"},
 }
 
@@ -119,6 +120,28 @@ func splitOptions(s string) []string {
 		cur.WriteByte(s[i])
 	}
 	return append(out, cur.String())
+}
+
+// HasHelpOption reports whether an -o list asks for help: one of its
+// items is "help" or "?" (QEMU's has_help_option).
+func HasHelpOption(list string) bool {
+	for _, item := range splitOptions(list) {
+		if item == "help" || item == "?" {
+			return true
+		}
+	}
+	return false
+}
+
+// ValidOptionList is QEMU's is_valid_option_list, which qemu-img applies
+// to each -o: not empty, not starting with ',', and not ending in an odd
+// number of commas (a dangling separator).
+func ValidOptionList(list string) bool {
+	if list == "" || list[0] == ',' {
+		return false
+	}
+	trailing := len(list) - len(strings.TrimRight(list, ","))
+	return trailing%2 == 0
 }
 
 // Set validates value against the option's type and stores it.
@@ -199,9 +222,13 @@ func (o *Options) Summary() string {
 		if v == "" && !given {
 			continue
 		}
-		if given && (s.Type == OptSize || s.Type == OptNumber) {
+		switch {
+		case given && (s.Type == OptSize || s.Type == OptNumber):
 			n, _ := o.Uint(s.Name)
 			v = strconv.FormatUint(n, 10)
+		case s.Type == OptString:
+			// QEMU doubles commas so the line reads back as an option list.
+			v = strings.ReplaceAll(v, ",", ",,")
 		}
 		parts = append(parts, s.Name+"="+v)
 	}
@@ -236,39 +263,119 @@ func ParseBool(s string) (bool, error) {
 	return false, errors.New("not a boolean")
 }
 
-// ParseSize parses a byte count with an optional k/M/G/T/P/E suffix
-// (binary units, case-insensitive, "B" for bytes), as qemu_strtosz does.
-// A fraction is allowed before a suffix ("1.5G").
+// ErrSizeRange: a size does not fit in 64 bits (qemu_strtosz's ERANGE).
+var ErrSizeRange = errors.New("size out of range")
+
+// ParseSize parses a byte count as QEMU 7.2's qemu_strtosz does: leading
+// white space, a decimal number with an optional fraction or a hex number
+// ("0x..."), then an optional suffix b/k/M/G/T/P/E (binary units,
+// case-insensitive). A fraction needs a scaling suffix and is rounded to
+// the nearest byte. Errors wrap ErrSizeRange when the value does not fit
+// in 64 bits.
 func ParseSize(s string) (uint64, error) {
-	num := strings.TrimRight(s, "bBkKmMgGtTpPeE")
-	suffix := s[len(num):]
-	if num == "" || len(suffix) > 1 || strings.HasPrefix(num, "-") || strings.HasPrefix(num, "+") ||
-		strings.ContainsAny(num, " \t") {
-		return 0, fmt.Errorf("invalid size %q", s)
+	invalid := fmt.Errorf("invalid size %q", s)
+	p := strings.TrimLeft(s, " \t\n\v\f\r")
+	if strings.HasPrefix(p, "+") {
+		p = p[1:]
+	}
+	val, rest, err := parseUintPrefix(p, 10)
+	if err != nil && !errors.Is(err, ErrSizeRange) {
+		return 0, invalid
+	}
+	if err != nil {
+		// Trailing characters turn a range error into a syntax error.
+		if rest != "" {
+			return 0, invalid
+		}
+		return 0, fmt.Errorf("size %q: %w", s, ErrSizeRange)
+	}
+	var frac uint64 // the fraction as 0.64 fixed point
+	switch {
+	case val == 0 && (strings.HasPrefix(rest, "x") || strings.HasPrefix(rest, "X")):
+		if val, rest, err = parseUintPrefix(p[2:], 16); err != nil {
+			if errors.Is(err, ErrSizeRange) && rest == "" {
+				return 0, fmt.Errorf("size %q: %w", s, ErrSizeRange)
+			}
+			return 0, invalid
+		}
+		if strings.HasPrefix(rest, ".") {
+			return 0, invalid
+		}
+	case strings.HasPrefix(rest, "."):
+		n := 1
+		for n < len(rest) && rest[n] >= '0' && rest[n] <= '9' {
+			n++
+		}
+		if n < len(rest) && (rest[n] == 'e' || rest[n] == 'E') && n > 1 {
+			// strtod would read an exponent; QEMU refuses those.
+			if e := strings.TrimLeft(rest[n+1:], "+-"); e != "" && e[0] >= '0' && e[0] <= '9' {
+				return 0, invalid
+			}
+		}
+		if n > 1 {
+			f, _ := strconv.ParseFloat("0"+rest[:n], 64)
+			frac = uint64(min(f*0x1p64, math.MaxUint64))
+		}
+		rest = rest[n:]
 	}
 	shift := 0
-	if suffix != "" {
-		shift = 10 * strings.IndexByte("bkmgtpe", toLower(suffix[0]))
-	}
-	if strings.ContainsAny(num, ".eE") || strings.HasPrefix(num, "0x") && shift != 0 {
-		f, err := strconv.ParseFloat(num, 64)
-		if err != nil || strings.HasPrefix(num, "0x") {
-			return 0, fmt.Errorf("invalid size %q", s)
+	if rest != "" {
+		if i := strings.IndexByte("bkmgtpe", toLower(rest[0])); i >= 0 {
+			shift = 10 * i
+			rest = rest[1:]
 		}
-		v := f * math.Exp2(float64(shift))
-		if v >= math.Exp2(64) {
-			return 0, fmt.Errorf("size %q too large", s)
-		}
-		return uint64(v), nil
 	}
-	n, err := strconv.ParseUint(num, 0, 64)
+	if rest != "" {
+		return 0, invalid
+	}
+	if shift == 0 {
+		if frac != 0 {
+			return 0, invalid
+		}
+		return val, nil
+	}
+	// Exact 64.64 fixed-point product, rounded half up.
+	hi, lo := bits.Mul64(val, 1<<shift)
+	fhi, flo := bits.Mul64(frac, 1<<shift)
+	var c uint64
+	lo, c = bits.Add64(lo, fhi, 0)
+	hi += c
+	lo, c = bits.Add64(lo, flo>>63, 0)
+	hi += c
+	if hi != 0 {
+		return 0, fmt.Errorf("size %q: %w", s, ErrSizeRange)
+	}
+	return lo, nil
+}
+
+// parseUintPrefix reads the longest run of digits in base from the start
+// of s, as strtoull does, and returns the value and what follows. No
+// digits is an error; overflow wraps ErrSizeRange.
+func parseUintPrefix(s string, base int) (uint64, string, error) {
+	n := 0
+	for n < len(s) && digitValue(s[n]) < base {
+		n++
+	}
+	if n == 0 {
+		return 0, s, errors.New("no digits")
+	}
+	v, err := strconv.ParseUint(s[:n], base, 64)
 	if err != nil {
-		return 0, fmt.Errorf("invalid size %q", s)
+		return 0, s[n:], ErrSizeRange
 	}
-	if shift > 0 && n > math.MaxUint64>>shift {
-		return 0, fmt.Errorf("size %q too large", s)
+	return v, s[n:], nil
+}
+
+func digitValue(c byte) int {
+	switch {
+	case c >= '0' && c <= '9':
+		return int(c - '0')
+	case c >= 'a' && c <= 'f':
+		return int(c-'a') + 10
+	case c >= 'A' && c <= 'F':
+		return int(c-'A') + 10
 	}
-	return n << shift, nil
+	return 99
 }
 
 func toLower(c byte) byte {

@@ -29,6 +29,10 @@ type Driver struct {
 	CreateOptions []OptionSpec
 	// ReadOnly drivers (dmg, bochs, cloop) refuse writes and creation.
 	ReadOnly bool
+	// CanCompress: the driver's images implement CompressedWriter.
+	// convert -c checks it before creating the target, as QEMU checks
+	// block_driver_can_compress.
+	CanCompress bool
 }
 
 var (

@@ -73,6 +73,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		ErrWriter:       stderr,
 		HideHelpCommand: true,
 		HideVersion:     true,
+		// qemu-img option values (--object, -o) contain commas.
+		DisableSliceFlagSeparator: true,
 		// Errors are printed by exitCode in qemu-img's format.
 		ExitErrHandler: func(*cli.Context, error) {},
 	}

@@ -1,0 +1,59 @@
+# `make test` runs every check (CI runs it through .ci/run); `make demo`
+# runs imgfs on the sample images in testdata/sample.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+# Go from the official tarball lives in /usr/local/go/bin, which the PATH
+# of a fresh machine lacks.
+ifeq ($(shell command -v go 2>/dev/null),)
+export PATH := /usr/local/go/bin:$(PATH)
+endif
+
+# FUZZTIME is how long each fuzz target runs in `make test`.
+FUZZTIME ?= 5s
+SAMPLE := testdata/sample
+DEMO := bin/demo
+
+.PHONY: test deps fmt vet unit fuzz build demo clean
+# The checks of `test` run in order even under make -j.
+.NOTPARALLEL:
+
+# Unit tests run last so that the output ends with go test's summary.
+test: deps fmt vet fuzz unit
+
+# System packages: qemu-utils (the reference), fuse3, gcc for -race.
+deps:
+	@scripts/install-deps.sh
+
+fmt:
+	@files=$$(gofmt -l .); \
+	if [ -n "$$files" ]; then echo "gofmt needed on:"; echo "$$files"; exit 1; fi
+
+vet:
+	go vet ./...
+
+# -count=1: the integration tests run a freshly built binary, which go
+# test's cache does not know about.
+unit:
+	go test -race -count=1 -timeout 25m ./...
+
+fuzz:
+	scripts/fuzz.sh $(FUZZTIME)
+
+build:
+	go build -o bin/imgfs ./cmd/imgfs
+
+demo: build
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	bin/imgfs info --backing-chain $(SAMPLE)/disk.qcow2
+	bin/imgfs info --output=json $(SAMPLE)/compressed.qcow2
+	bin/imgfs check $(SAMPLE)/disk.qcow2
+	bin/imgfs map $(SAMPLE)/disk.qcow2
+	bin/imgfs map --output=json $(SAMPLE)/compressed.qcow2
+	bin/imgfs convert -c -O qcow2 $(SAMPLE)/disk.qcow2 $(DEMO)/disk-compressed.qcow2
+	bin/imgfs check $(DEMO)/disk-compressed.qcow2
+	bin/imgfs compare $(SAMPLE)/disk.qcow2 $(DEMO)/disk-compressed.qcow2
+
+clean:
+	rm -rf bin

@@ -1,0 +1,229 @@
+package qcow2
+
+import (
+	"encoding/binary"
+)
+
+// Everything in this file runs with img.mu held.
+
+// mapping is a run of guest bytes that one lookup resolved to a single
+// kind of storage.
+type mapping struct {
+	length int64
+	typ    ClusterType
+	// host is the host offset of the first byte for Normal, ZeroAlloc
+	// and UnallocatedAlloc runs (in img.data).
+	host uint64
+	// copied: every cluster of the run has the COPIED flag, so it may be
+	// written in place.
+	copied bool
+	// entry is the L2 entry of a Compressed run (always one cluster).
+	entry L2Entry
+}
+
+// l2Offset returns the host offset of the L2 table for L1 index i, 0 when
+// unallocated.
+func (img *Image) l2Offset(i int64) (uint64, error) {
+	if i >= int64(len(img.l1)) {
+		return 0, nil
+	}
+	e := img.l1[i]
+	off := e & OffsetMask
+	if off != 0 && off&uint64(img.lay.ClusterSize-1) != 0 {
+		return 0, img.corruptf("L2 table offset %#x unaligned (L1 index: %#x)", off, i)
+	}
+	return off, nil
+}
+
+// l2Table returns the cached L2 table at host offset off.
+func (img *Image) l2Table(off uint64) (*cachedTable, error) {
+	if t := img.l2Cache.get(off); t != nil {
+		return t, nil
+	}
+	buf, err := img.readCluster(off)
+	if err != nil {
+		return nil, err
+	}
+	return img.l2Cache.add(off, buf, false)
+}
+
+// lookup resolves guest bytes [off, off+maxLen) up to the first change of
+// storage kind, host contiguity or COPIED flag, and never past the end
+// of one L2 table or one compressed cluster. maxLen > 0.
+func (img *Image) lookup(off, maxLen int64) (mapping, error) {
+	lay := &img.lay
+	l1i := lay.L1Index(off)
+	maxLen = min(maxLen, (l1i+1)*lay.L1Coverage()-off)
+	l2off, err := img.l2Offset(l1i)
+	if err != nil {
+		return mapping{}, err
+	}
+	if l2off == 0 {
+		return mapping{length: maxLen, typ: Unallocated}, nil
+	}
+	t, err := img.l2Table(l2off)
+	if err != nil {
+		return mapping{}, err
+	}
+	var m mapping
+	pos := off
+	end := off + maxLen
+	for pos < end {
+		i := lay.L2Index(pos)
+		e := lay.ReadL2Entry(t.data, i)
+		sc := (pos & (lay.ClusterSize - 1)) / lay.SubclusterSize
+		typ := lay.SubclusterType(e, int(sc))
+		if err := img.checkEntry(e, typ, l2off, i); err != nil {
+			return mapping{}, err
+		}
+		var host uint64
+		if typ == Normal || typ == ZeroAlloc || typ == UnallocatedAlloc {
+			host = e.HostOffset() + uint64(pos&(lay.ClusterSize-1))
+		}
+		// Subclusters up to the end of this one's cluster share the entry.
+		n := min(end, (pos|(lay.SubclusterSize-1))+1) - pos
+		if pos == off {
+			m = mapping{typ: typ, host: host, copied: e.Copied(), entry: e}
+		} else if typ != m.typ || typ == Compressed || e.Copied() != m.copied ||
+			(host != 0 || m.host != 0) && host != m.host+uint64(m.length) {
+			break
+		}
+		m.length += n
+		pos += n
+		if typ == Compressed {
+			// One compressed cluster at most.
+			m.length = min((off|(lay.ClusterSize-1))+1, end) - off
+			break
+		}
+	}
+	return m, nil
+}
+
+// checkEntry rejects entries QEMU treats as corruption on access
+// (qcow2_get_host_offset): unaligned cluster offsets, zero flags in v2
+// images, invalid subcluster bitmaps.
+func (img *Image) checkEntry(e L2Entry, typ ClusterType, l2off uint64, i int64) error {
+	switch typ {
+	case Invalid:
+		return img.corruptf("Invalid cluster entry found (L2 offset: %#x, L2 index: %#x)", l2off, i)
+	case ZeroPlain, ZeroAlloc:
+		if img.hdr.Version < 3 {
+			return img.corruptf("Zero cluster entry found in pre-v3 image (L2 offset: %#x, L2 index: %#x)", l2off, i)
+		}
+	case Compressed:
+		if img.lay.HasDataFile {
+			return img.corruptf("Compressed cluster entry found in image with external data file (L2 offset: %#x, L2 index: %#x)", l2off, i)
+		}
+	}
+	if (typ == Normal || typ == ZeroAlloc || typ == UnallocatedAlloc) && e.HostOffset()&uint64(img.lay.ClusterSize-1) != 0 {
+		return img.corruptf("Cluster allocation offset %#x unaligned (L2 offset: %#x, L2 index: %#x)", e.HostOffset(), l2off, i)
+	}
+	return nil
+}
+
+// writableL2 returns the L2 table for L1 index i, ready to be modified:
+// allocated when missing and copied when shared with a snapshot (no
+// COPIED flag), as QEMU's l2_allocate. The new table reaches the disk
+// before the L1 entry that points to it.
+func (img *Image) writableL2(i int64) (*cachedTable, error) {
+	old, err := img.l2Offset(i)
+	if err != nil {
+		return nil, err
+	}
+	if i >= int64(len(img.l1)) {
+		return nil, img.corruptf("guest offset beyond the L1 table (index %d of %d)", i, len(img.l1))
+	}
+	if old != 0 && img.l1[i]&OflagCopied != 0 {
+		return img.l2Table(old)
+	}
+	var data []byte
+	if old != 0 {
+		t, err := img.l2Table(old)
+		if err != nil {
+			return nil, err
+		}
+		data = append([]byte(nil), t.data...)
+	} else {
+		data = make([]byte, img.lay.ClusterSize)
+	}
+	off, err := img.allocClusters(1)
+	if err != nil {
+		return nil, err
+	}
+	// The new table's refcount, then the table, then the L1 entry.
+	if !img.lazyRefcounts() {
+		if err := img.flushRefcounts(); err != nil {
+			return nil, err
+		}
+	}
+	if err := img.writeSync(data, off); err != nil {
+		return nil, err
+	}
+	if err := img.setL1(i, off|OflagCopied); err != nil {
+		return nil, err
+	}
+	if old != 0 {
+		if err := img.updateRefcounts(int64(old>>img.lay.ClusterBits), 1, -1); err != nil {
+			return nil, err
+		}
+	}
+	return img.l2Cache.add(off, data, false)
+}
+
+// setL1 updates L1 entry i in memory and on disk.
+func (img *Image) setL1(i int64, e uint64) error {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], e)
+	if err := img.writeSync(b[:], img.hdr.L1TableOffset+uint64(i)*8); err != nil {
+		return err
+	}
+	img.l1[i] = e
+	return nil
+}
+
+// freeEntry drops the host storage an L2 entry referenced, after the
+// entry itself was changed in the cache (qcow2_free_any_cluster).
+// punch deallocates freed data clusters in the host file.
+func (img *Image) freeEntry(e L2Entry, punch bool) error {
+	lay := &img.lay
+	switch lay.ClusterType(e) {
+	case Compressed:
+		host, size := lay.CompressedDescriptor(e)
+		first := int64(host >> lay.ClusterBits)
+		last := int64((host + uint64(size) - 1) >> lay.ClusterBits)
+		return img.freeClusters(first, last-first+1, punch)
+	case Normal, ZeroAlloc:
+		if lay.HasDataFile {
+			// Data file clusters have no refcounts.
+			if punch {
+				return img.data.PunchHole(int64(e.HostOffset()), lay.ClusterSize)
+			}
+			return nil
+		}
+		return img.freeClusters(int64(e.HostOffset()>>lay.ClusterBits), 1, punch)
+	}
+	return nil
+}
+
+// freeClusters drops one reference from n clusters, punching those that
+// become free when punch is set.
+func (img *Image) freeClusters(c, n int64, punch bool) error {
+	if err := img.updateRefcounts(c, n, -1); err != nil {
+		return err
+	}
+	if !punch {
+		return nil
+	}
+	for i := c; i < c+n; i++ {
+		rc, err := img.Refcount(i)
+		if err != nil {
+			return err
+		}
+		if rc == 0 {
+			// Best effort: a file system without hole punching
+			// just keeps the old bytes.
+			_ = img.file.PunchHole(i<<img.lay.ClusterBits, img.lay.ClusterSize)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,124 @@
+package qcow2
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestCreateMatchesQemu creates each option combination with qemu-img
+// and with this driver and requires byte-identical files (data files
+// included) and a clean qemu-img check.
+func TestCreateMatchesQemu(t *testing.T) {
+	haveQemu(t)
+	cases := []struct{ opts, size string }{
+		{"", "1G"},
+		{"", "1000"},
+		{"", "0"},
+		{"compat=0.10", "1G"},
+		{"compat=v2", "100M"},
+		{"cluster_size=512", "1G"},
+		{"cluster_size=512,refcount_bits=64", "1G"},
+		{"cluster_size=4k,refcount_bits=1", "3G"},
+		{"cluster_size=2M", "1G"},
+		{"cluster_size=2M,extended_l2=on", "5G"},
+		{"extended_l2=on,cluster_size=16k", "1G"},
+		{"refcount_bits=1", "1G"},
+		{"refcount_bits=8", "1G"},
+		{"refcount_bits=32", "10G"},
+		{"lazy_refcounts=on", "1G"},
+		{"compression_type=zstd", "1G"},
+		{"preallocation=metadata", "600M"},
+		{"preallocation=metadata,cluster_size=4k", "64M"},
+		{"preallocation=metadata,extended_l2=on", "200M"},
+		{"preallocation=falloc", "100M"},
+		{"preallocation=full", "20M"},
+		{"preallocation=falloc,cluster_size=4k", "20M"},
+		{"preallocation=full,cluster_size=512,refcount_bits=64", "1M"},
+		{"data_file=DATA", "10M"},
+		{"data_file=DATA,data_file_raw=on", "10M"},
+		{"data_file=DATA,preallocation=metadata", "10M"},
+		{"backing_file=BACK,backing_fmt=raw", "1M"},
+		{"backing_file=BACK,backing_fmt=raw,compat=0.10", "1M"},
+		{"backing_file=BACK,backing_fmt=raw,extended_l2=on,preallocation=metadata", "1M"},
+		{"nocow=on,extent_size_hint=1M", "1M"},
+	}
+	dir := t.TempDir()
+	back := filepath.Join(dir, "back.raw")
+	if err := os.WriteFile(back, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range cases {
+		t.Run(c.opts+"/"+c.size, func(t *testing.T) {
+			img := filepath.Join(dir, "img.qcow2")
+			data := filepath.Join(dir, "data.raw")
+			opts := strings.NewReplacer("DATA", data, "BACK", back).Replace(c.opts)
+			args := []string{"create", "-q", "-f", "qcow2"}
+			if opts != "" {
+				args = append(args, "-o", opts)
+			}
+			execOut(t, "qemu-img", append(args, img, c.size)...)
+			want, _ := os.ReadFile(img)
+			wantData, _ := os.ReadFile(data)
+			os.Remove(img)
+			os.Remove(data)
+			if err := createOpts(t, img, strings.Trim(opts+",size="+c.size, ",")); err != nil {
+				t.Fatalf("create: %v", err)
+			}
+			got, _ := os.ReadFile(img)
+			gotData, _ := os.ReadFile(data)
+			if i := diffOffset(got, want); i >= 0 {
+				t.Errorf("image differs from qemu-img's at byte %#x (sizes %d, %d)", i, len(got), len(want))
+			}
+			if i := diffOffset(gotData, wantData); i >= 0 {
+				t.Errorf("data file differs from qemu-img's at byte %#x", i)
+			}
+			mustBeClean(t, img)
+			os.Remove(img)
+			os.Remove(data)
+		})
+	}
+}
+
+// TestCreateErrors checks option validation against QEMU's messages.
+func TestCreateErrors(t *testing.T) {
+	cases := []struct{ opts, want string }{
+		{"cluster_size=1000", "Cluster size must be a power of two between 512 and 2048k"},
+		{"cluster_size=4M", "Cluster size must be a power of two between 512 and 2048k"},
+		{"refcount_bits=3", "Refcount width must be a power of two and may not exceed 64 bits"},
+		{"refcount_bits=0", "Refcount width must be a power of two and may not exceed 64 bits"},
+		{"compat=0.9", "Parameter 'version' does not accept value '0.9'"},
+		{"compat=0.10,lazy_refcounts=on", "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"},
+		{"compat=0.10,refcount_bits=8", "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"},
+		{"compat=0.10,extended_l2=on,cluster_size=1000", "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"},
+		{"extended_l2=on,cluster_size=1000", "Cluster size must be a power of two between 512 and 2048k"},
+		{"extended_l2=on,cluster_size=8k", "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"},
+		{"compat=0.10,compression_type=zstd", "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"},
+		{"compression_type=lz4", "Parameter 'compression-type' does not accept value 'lz4'"},
+		{"preallocation=foo,compression_type=lz4", "Parameter 'preallocation' does not accept value 'foo'"},
+		{"preallocation=foo,compat=0.9", "Parameter 'version' does not accept value '0.9'"},
+		{"data_file_raw=on", "data-file-raw requires data-file"},
+		{"compat=0.10,data_file=x", "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)"},
+		{"backing_file=b,backing_fmt=raw,preallocation=metadata", "Backing file and preallocation can only be used at the same time if extended_l2 is on"},
+		{"backing_fmt=raw,lazy_refcounts=on,compat=0.10", "Backing format cannot be used without backing file"},
+		{"backing_file=b,backing_fmt=raw,data_file=x,data_file_raw=on", "Backing file and data-file-raw cannot be used at the same time"},
+		{"cluster_size=512,size=137438953984", "The image size is too large for file format 'qcow2' (try using a larger cluster size)"},
+		{"encrypt.format=luks", "Encrypted qcow2 images are not supported yet"},
+	}
+	dir := t.TempDir()
+	for _, c := range cases {
+		name := filepath.Join(dir, "e.qcow2")
+		opts := c.opts
+		if !strings.Contains(","+opts, ",size=") {
+			opts += ",size=1M"
+		}
+		err := createOpts(t, name, opts)
+		if err == nil || err.Error() != c.want {
+			t.Errorf("%s: got %v, want %q", c.opts, err, c.want)
+		}
+		if _, err := os.Stat(name); err == nil {
+			t.Errorf("%s: failed creation left the file behind", c.opts)
+		}
+	}
+}

@@ -1,0 +1,107 @@
+package qcow2
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/imgfs/imgfs/formats"
+)
+
+// Test helpers shared by the differential tests. They run the real
+// qemu-img and qemu-io (tests only; product code never does).
+
+func haveQemu(t testing.TB) {
+	t.Helper()
+	for _, p := range []string{"qemu-img", "qemu-io"} {
+		if _, err := exec.LookPath(p); err != nil {
+			t.Skipf("%s not installed", p)
+		}
+	}
+}
+
+// run executes a command and fails the test when it does not succeed.
+func execOut(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %q: %v\n%s", name, args, err, out)
+	}
+	return string(out)
+}
+
+// qemuIO runs qemu-io commands on a qcow2 image.
+func qemuIO(t testing.TB, img string, cmds ...string) {
+	t.Helper()
+	args := []string{"-f", "qcow2"}
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	execOut(t, "qemu-io", append(args, img)...)
+}
+
+// createOpts creates an image with our driver.
+func createOpts(t testing.TB, name, opts string) error {
+	t.Helper()
+	o := formats.NewOptions(Driver.CreateSpecs())
+	if err := o.Parse(opts); err != nil {
+		t.Fatalf("options %q: %v", opts, err)
+	}
+	return Driver.Create(name, o)
+}
+
+// openRW opens an image with our driver.
+func openImg(t testing.TB, name string, readOnly bool) *Image {
+	t.Helper()
+	img, err := formats.Open(name, formats.OpenOptions{Format: "qcow2", ReadOnly: readOnly})
+	if err != nil {
+		t.Fatalf("open %s: %v", name, err)
+	}
+	return img.(*Image)
+}
+
+// readAll reads the whole guest content.
+func readAll(t testing.TB, img formats.Image) []byte {
+	t.Helper()
+	buf := make([]byte, img.Size())
+	if n, err := img.ReadAt(buf, 0); err != nil || n != len(buf) {
+		t.Fatalf("read %s: %d, %v", img.Filename(), n, err)
+	}
+	return buf
+}
+
+// rawOf converts an image to raw with qemu-img and returns the bytes.
+func rawOf(t testing.TB, name string) []byte {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "raw")
+	execOut(t, "qemu-img", "convert", "-O", "raw", name, out)
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// mustBeClean fails the test unless qemu-img check finds the image clean.
+func mustBeClean(t testing.TB, name string) {
+	t.Helper()
+	out, err := exec.Command("qemu-img", "check", "-f", "qcow2", name).CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte("No errors were found on the image.")) {
+		t.Fatalf("qemu-img check %s: %v\n%s", name, err, out)
+	}
+}
+
+// diffOffset returns the offset of the first differing byte, or -1.
+func diffOffset(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	if len(a) != len(b) {
+		return min(len(a), len(b))
+	}
+	return -1
+}

@@ -1,0 +1,244 @@
+package qcow2
+
+import (
+	"bytes"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// writeCase is an image to write to: created by qemu-img (so that
+// qemu-made metadata is exercised) or by this driver, optionally with a
+// backing file and qemu-io commands run first.
+type writeCase struct {
+	name    string
+	opts    string
+	size    int64
+	ours    bool     // create with this driver instead of qemu-img
+	backing string   // qemu-io commands for a qcow2 backing image
+	pre     []string // qemu-io commands on the image before the test
+	snap    bool     // take an internal snapshot after pre
+}
+
+func writeCases() []writeCase {
+	return []writeCase{
+		{name: "v3", size: 8 << 20},
+		{name: "v3 ours", size: 8 << 20, ours: true},
+		{name: "v2", opts: "compat=0.10", size: 8 << 20, ours: true},
+		{name: "512 clusters 1-bit refcounts", opts: "cluster_size=512,refcount_bits=1", size: 4 << 20, ours: true},
+		{name: "512 clusters 64-bit refcounts", opts: "cluster_size=512,refcount_bits=64", size: 4 << 20, ours: true},
+		{name: "2M clusters", opts: "cluster_size=2M", size: 16 << 20, ours: true},
+		{name: "extended l2", opts: "extended_l2=on,cluster_size=32k", size: 8 << 20, ours: true},
+		{name: "extended l2 backing", opts: "extended_l2=on", size: 8 << 20, ours: true, backing: "write -P 0xaa 0 6M"},
+		{name: "backing", size: 8 << 20, ours: true, backing: "write -P 0xaa 0 5M;write -z 1M 1M"},
+		{name: "v2 backing", opts: "compat=0.10", size: 8 << 20, ours: true, backing: "write -P 0xbb 0 6M"},
+		{name: "lazy refcounts", opts: "lazy_refcounts=on", size: 8 << 20, ours: true},
+		{name: "data file", opts: "data_file=DATA", size: 8 << 20, ours: true},
+		{name: "zstd compressed", opts: "compression_type=zstd", size: 8 << 20,
+			pre: []string{"write -c -P 0x12 0 1M", "write -c -P 0x34 4M 2M"}},
+		{name: "zlib compressed 4k", opts: "cluster_size=4k", size: 4 << 20,
+			pre: []string{"write -c -P 0x12 0 1M", "write -P 0x34 2M 1M"}},
+		{name: "snapshot", size: 8 << 20, pre: []string{"write -P 0x56 0 3M", "write -c -P 0x78 4M 1M"}, snap: true},
+		{name: "metadata prealloc", opts: "preallocation=metadata", size: 8 << 20, ours: true},
+	}
+}
+
+// shadow mirrors the guest content an image must have.
+type shadow struct {
+	data    []byte
+	backing []byte // nil without a backing file
+	cluster int64
+	v2      bool
+}
+
+func (s *shadow) write(p []byte, off int64) { copy(s.data[off:], p) }
+
+// zero mirrors WriteZeroes: always zeroes.
+func (s *shadow) zero(off, n int64) { clear(s.data[off : off+n]) }
+
+// discard mirrors Discard: whole clusters only (the unaligned last
+// cluster when the range reaches the end); v2 images with a backing
+// file show the backing data again, everything else reads as zeroes.
+func (s *shadow) discard(off, n int64) {
+	size := int64(len(s.data))
+	start := (off + s.cluster - 1) / s.cluster * s.cluster
+	end := (off + n) / s.cluster * s.cluster
+	if off+n == size {
+		end = size
+	}
+	for i := start; i < end; i++ {
+		if s.v2 && s.backing != nil && i < int64(len(s.backing)) {
+			s.data[i] = s.backing[i]
+		} else {
+			s.data[i] = 0
+		}
+	}
+}
+
+func buildWriteCase(t *testing.T, dir string, c writeCase) (string, *shadow) {
+	t.Helper()
+	name := filepath.Join(dir, "w.qcow2")
+	opts := strings.ReplaceAll(c.opts, "DATA", filepath.Join(dir, "data.raw"))
+	var back string
+	if c.backing != "" {
+		back = filepath.Join(dir, "back.qcow2")
+		execOut(t, "qemu-img", "create", "-q", "-f", "qcow2", back, "6M")
+		qemuIO(t, back, strings.Split(c.backing, ";")...)
+		opts = strings.Trim(opts+",backing_file="+back+",backing_fmt=qcow2", ",")
+	}
+	if c.ours {
+		if err := createOpts(t, name, strings.Trim(opts+",size="+itoa(c.size), ",")); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		args := []string{"create", "-q", "-f", "qcow2"}
+		if opts != "" {
+			args = append(args, "-o", opts)
+		}
+		execOut(t, "qemu-img", append(args, name, itoa(c.size))...)
+	}
+	if len(c.pre) > 0 {
+		qemuIO(t, name, c.pre...)
+	}
+	if c.snap {
+		execOut(t, "qemu-img", "snapshot", "-c", "snap1", name)
+	}
+	img := openImg(t, name, true)
+	s := &shadow{data: readAll(t, img), cluster: img.lay.ClusterSize, v2: img.hdr.Version == 2}
+	if img.backing != nil {
+		s.backing = readAll(t, img.backing)
+	}
+	img.Close()
+	return name, s
+}
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// TestRandomWrites runs a few thousand random writes, zero writes and
+// discards against a shadow copy, then requires the driver's reads, a
+// clean qemu-img check and qemu-img compare against the shadow.
+func TestRandomWrites(t *testing.T) {
+	haveQemu(t)
+	for _, c := range writeCases() {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			name, s := buildWriteCase(t, dir, c)
+			img := openImg(t, name, false)
+			rng := rand.New(rand.NewSource(int64(len(c.name))))
+			size := c.size
+			ops := 1500
+			for i := 0; i < ops; i++ {
+				off := rng.Int63n(size)
+				n := 1 + rng.Int63n(min(size-off, []int64{512, 4096, 70000, 300000}[rng.Intn(4)]))
+				if rng.Intn(3) == 0 {
+					// Favour cluster-aligned requests.
+					off = off / s.cluster * s.cluster
+					n = min(size-off, (n+s.cluster-1)/s.cluster*s.cluster)
+				}
+				switch op := rng.Intn(10); {
+				case op < 6:
+					p := make([]byte, n)
+					fill := byte(rng.Intn(255) + 1)
+					for j := range p {
+						p[j] = fill + byte(j>>9)
+					}
+					if _, err := img.WriteAt(p, off); err != nil {
+						t.Fatalf("op %d write %d+%d: %v", i, off, n, err)
+					}
+					s.write(p, off)
+				case op < 8:
+					if err := img.WriteZeroes(off, n, op == 7); err != nil {
+						t.Fatalf("op %d zero %d+%d: %v", i, off, n, err)
+					}
+					s.zero(off, n)
+				default:
+					if err := img.Discard(off, n); err != nil {
+						t.Fatalf("op %d discard %d+%d: %v", i, off, n, err)
+					}
+					s.discard(off, n)
+				}
+				if i%500 == 499 {
+					if err := img.Flush(); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			if got := readAll(t, img); !bytes.Equal(got, s.data) {
+				t.Fatalf("driver reads differ from the shadow at %#x", diffOffset(got, s.data))
+			}
+			if err := img.Close(); err != nil {
+				t.Fatal(err)
+			}
+			mustBeClean(t, name)
+			raw := filepath.Join(dir, "shadow.raw")
+			if err := os.WriteFile(raw, s.data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", name, raw).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img compare: %v\n%s", err, out)
+			}
+		})
+	}
+}
+
+// TestConcurrentWrites writes disjoint regions from many goroutines
+// while others read, then checks content and consistency.
+func TestConcurrentWrites(t *testing.T) {
+	haveQemu(t)
+	dir := t.TempDir()
+	name := filepath.Join(dir, "c.qcow2")
+	if err := createOpts(t, name, "cluster_size=4k,size=16M"); err != nil {
+		t.Fatal(err)
+	}
+	img := openImg(t, name, false)
+	const workers = 8
+	const region = 2 << 20
+	want := make([]byte, workers*region)
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*workers)
+	for w := 0; w < workers; w++ {
+		wg.Add(2)
+		go func(w int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewSource(int64(w)))
+			base := int64(w) * region
+			for i := 0; i < 200; i++ {
+				off := rng.Int63n(region - 10000)
+				n := 1 + rng.Int63n(10000)
+				p := bytes.Repeat([]byte{byte(w*16 + i%16 + 1)}, int(n))
+				if _, err := img.WriteAt(p, base+off); err != nil {
+					errs <- err
+					return
+				}
+				copy(want[base+off:], p)
+			}
+		}(w)
+		go func(w int) {
+			defer wg.Done()
+			buf := make([]byte, 65536)
+			for i := 0; i < 100; i++ {
+				if _, err := img.ReadAt(buf, int64((w*7919+i*104729)%(workers*region-65536))); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if got := readAll(t, img)[:len(want)]; !bytes.Equal(got, want) {
+		t.Fatalf("content differs at %#x", diffOffset(got, want))
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mustBeClean(t, name)
+}

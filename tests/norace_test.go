@@ -1,0 +1,6 @@
+//go:build !race
+
+package tests
+
+// raceEnabled: the tests run without -race.
+const raceEnabled = false
