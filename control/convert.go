@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/imgfs/imgfs/formats"
@@ -71,8 +72,8 @@ type ConvertOptions struct {
 	Options string
 	// SkipCreate is -n: the target exists and OpenTarget opens it.
 	SkipCreate bool
-	// OpenTarget opens an existing target (with -n); direct asks for
-	// O_DIRECT.
+	// OpenTarget opens the target once it exists; direct asks for
+	// O_DIRECT. nil opens Target with TargetFormat.
 	OpenTarget func(direct bool) (formats.Image, error)
 	// BackingFile and BackingFormat are -B and -F: the target gets a
 	// backing file, and only what the top source image allocates is
@@ -151,6 +152,7 @@ const (
 // converter is one running conversion (qemu-img's ImgConvertState).
 type converter struct {
 	o      *ConvertOptions
+	format string          // the target's
 	driver *formats.Driver // nil with SkipCreate
 	create *formats.Options
 	cache  CacheMode
@@ -209,6 +211,7 @@ func newConverter(o *ConvertOptions) (*converter, error) {
 	if format == "" {
 		format = "raw"
 	}
+	c.format = format
 	if !o.SkipCreate {
 		if c.driver = formats.Lookup(format); c.driver == nil {
 			return nil, fmt.Errorf("Unknown file format '%s'", format)
@@ -223,15 +226,8 @@ func newConverter(o *ConvertOptions) (*converter, error) {
 		if err := c.create.Set("size", strconv.FormatInt(c.total, 10)); err != nil {
 			return nil, err
 		}
-		if o.BackingFile != "" {
-			if err := c.create.Set("backing_file", o.BackingFile); err != nil {
-				return nil, fmt.Errorf("Backing file not supported for file format '%s'", format)
-			}
-		}
-		if o.BackingFormat != "" {
-			if err := c.create.Set("backing_fmt", o.BackingFormat); err != nil {
-				return nil, fmt.Errorf("Backing file format not supported for file format '%s'", format)
-			}
+		if err := setBacking(c.create, format, o.BackingFile, false, o.BackingFormat); err != nil {
+			return nil, err
 		}
 	}
 	backing := o.BackingFile
@@ -280,10 +276,10 @@ func (c *converter) openTarget() (formats.Image, error) {
 	if c.cache, ok = ParseCacheMode(mode); !ok {
 		return nil, fmt.Errorf("Invalid cache option: %s", mode)
 	}
-	if o.SkipCreate {
+	if o.OpenTarget != nil {
 		return o.OpenTarget(c.cache.Direct)
 	}
-	img, err := formats.Open(o.Target, formats.OpenOptions{Format: c.driver.Name, Direct: c.cache.Direct})
+	img, err := formats.Open(o.Target, formats.OpenOptions{Format: c.format, Direct: c.cache.Direct})
 	if err != nil {
 		return nil, fmt.Errorf("Could not open '%s': %w", o.Target, err)
 	}
@@ -425,7 +421,7 @@ func (c *converter) worker() {
 		case kind == kindData:
 			chunk = buf[:n]
 			if err := c.read(off, chunk); err != nil {
-				c.fail(fmt.Errorf("error while reading at byte %d: %w", off, err))
+				c.fail(ioErrorf(err, "error while reading at byte %d", off))
 				return
 			}
 		case c.minSparse == 0 && kind == kindZero:
@@ -448,7 +444,7 @@ func (c *converter) worker() {
 		}
 		for _, w := range ops {
 			if err := c.write(w, buf); err != nil {
-				c.fail(fmt.Errorf("error while writing at byte %d: %w", w.off, err))
+				c.fail(ioErrorf(err, "error while writing at byte %d", w.off))
 				return
 			}
 		}
@@ -534,10 +530,10 @@ func (c *converter) blockStatus(i int, local, n int64) (int64, blockKind, error)
 			return max(count, 1), kind, nil
 		}
 		if !c.o.Salvage {
-			return 0, 0, fmt.Errorf("error while reading block status at offset %d: %w", local, err)
+			return 0, 0, ioErrorf(err, "error while reading block status at offset %d", local)
 		}
 		if n <= sectorSize {
-			c.warn(fmt.Sprintf("error while reading block status at offset %d: %v", local, err))
+			c.warn(ioErrorf(err, "error while reading block status at offset %d", local).Error())
 			return sectorSize, kindData, nil
 		}
 		n = roundUp((n+3)/4, sectorSize)
@@ -605,7 +601,7 @@ func (c *converter) readSource(src formats.Image, off int64, buf []byte) error {
 	for p := int64(0); p < int64(len(buf)); p += sectorSize {
 		s := buf[p:min(p+sectorSize, int64(len(buf)))]
 		if err := readFull(src, off+p, s); err != nil {
-			c.warn(fmt.Sprintf("error while reading offset %d: %v", off+p, err))
+			c.warn(ioErrorf(err, "error while reading offset %d", off+p).Error())
 			clear(s)
 		}
 	}
@@ -635,7 +631,8 @@ func (c *converter) prepare(ops []op, off, n int64, kind blockKind, chunk, cbuf 
 	case kind != kindData:
 		return append(ops, op{off: off, n: n, kind: kind})
 	case c.compressor != nil:
-		if isZero(chunk) {
+		// With -S 0 even zero clusters are stored (compressed).
+		if c.minSparse != 0 && isZero(chunk) {
 			return append(ops, op{off: off, n: n, kind: kindZero})
 		}
 		src := chunk
@@ -778,5 +775,28 @@ func allocatedSectorsMin(buf []byte, n, minimum, sector, alignment int64) (bool,
 	}
 	return true, used
 }
+
+// ioError is a failed read or write as qemu-img reports it: what failed
+// and the errno text (strerror), EIO for errors that carry no errno,
+// as QEMU's drivers return -EIO. Unwrap gives the cause.
+type ioError struct {
+	msg string
+	err error
+}
+
+func ioErrorf(err error, format string, args ...any) *ioError {
+	text := formats.ErrnoError{Err: syscall.EIO}.Error()
+	var errno syscall.Errno
+	switch {
+	case errors.As(err, &errno):
+		text = formats.ErrnoError{Err: errno}.Error()
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		text = formats.ErrnoError{Err: syscall.ECANCELED}.Error()
+	}
+	return &ioError{msg: fmt.Sprintf(format, args...) + ": " + text, err: err}
+}
+
+func (e *ioError) Error() string { return e.msg }
+func (e *ioError) Unwrap() error { return e.err }
 
 func roundUp(n, unit int64) int64 { return (n + unit - 1) / unit * unit }

@@ -441,7 +441,7 @@ func TestConvertReadErrorStops(t *testing.T) {
 	if err := Convert(context.Background(), o); err != nil {
 		t.Fatal(err)
 	}
-	if len(warnings) != 1 || warnings[0] != "error while reading offset 409600: injected read error" {
+	if len(warnings) != 1 || warnings[0] != "error while reading offset 409600: Input/output error" {
 		t.Errorf("warnings %q", warnings)
 	}
 	src.failReadAt = -1

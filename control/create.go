@@ -82,15 +82,8 @@ func PlanCreate(o CreateOptions) (*CreatePlan, error) {
 			return nil, err
 		}
 	}
-	if o.BackingFile != "" || o.BackingGiven {
-		if err := opts.Set("backing_file", o.BackingFile); err != nil {
-			return nil, fmt.Errorf("Backing file not supported for file format '%s'", format)
-		}
-	}
-	if o.BackingFormat != "" {
-		if err := opts.Set("backing_fmt", o.BackingFormat); err != nil {
-			return nil, fmt.Errorf("Backing file format not supported for file format '%s'", format)
-		}
+	if err := setBacking(opts, format, o.BackingFile, o.BackingGiven, o.BackingFormat); err != nil {
+		return nil, err
 	}
 	backing, backingFmt := opts.String("backing_file"), opts.String("backing_fmt")
 	if opts.Has("backing_file") {
@@ -128,6 +121,23 @@ func PlanCreate(o CreateOptions) (*CreatePlan, error) {
 		return nil, errors.New("Image creation needs a size parameter")
 	}
 	return &CreatePlan{Filename: o.Filename, Format: format, driver: d, opts: opts}, nil
+}
+
+// setBacking stores -b and -F in a format's creation options, as
+// qemu-img's add_old_style_options does; given says -b was used even if
+// name is empty.
+func setBacking(opts *formats.Options, format, name string, given bool, backingFmt string) error {
+	if name != "" || given {
+		if err := opts.Set("backing_file", name); err != nil {
+			return fmt.Errorf("Backing file not supported for file format '%s'", format)
+		}
+	}
+	if backingFmt != "" {
+		if err := opts.Set("backing_fmt", backingFmt); err != nil {
+			return fmt.Errorf("Backing file format not supported for file format '%s'", format)
+		}
+	}
+	return nil
 }
 
 // String is the line qemu-img prints before creating, without its

@@ -1,8 +1,10 @@
 package control
 
 import (
+	"encoding/json"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/imgfs/imgfs/formats"
 )
@@ -127,3 +129,35 @@ func TestHumanDump(t *testing.T) {
 		t.Errorf("got\n%s\nwant\n%s", b.String(), want)
 	}
 }
+
+// FuzzQuotedString checks the JSON string writer on arbitrary bytes
+// (file and bitmap names come from images): the output is printable
+// ASCII and valid JSON, and it round-trips every string QEMU treats as
+// valid text.
+func FuzzQuotedString(f *testing.F) {
+	for _, s := range []string{"", "plain", "é€😀", "\xff\xc0\x80", "\xed\xa0\x80", "a\x00b", "\"\\\n\x7f"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		var b strings.Builder
+		writeQuoted(&b, s)
+		out := b.String()
+		for i := 0; i < len(out); i++ {
+			if out[i] < 0x20 || out[i] >= 0x7f {
+				t.Fatalf("byte %#x in output %q", out[i], out)
+			}
+		}
+		var back string
+		if err := json.Unmarshal([]byte(out), &back); err != nil {
+			t.Fatalf("output %q is not a JSON string: %v", out, err)
+		}
+		text, _, _ := strings.Cut(s, "\x00")
+		if utf8.ValidString(text) && !strings.ContainsFunc(text, qemuRejects) && back != text {
+			t.Fatalf("round trip of %q gave %q", text, back)
+		}
+	})
+}
+
+// qemuRejects reports the code points QEMU's modified UTF-8 decoder
+// refuses although they are valid UTF-8: noncharacters.
+func qemuRejects(r rune) bool { return r >= 0xFDD0 && r <= 0xFDEF || r&0xFFFE == 0xFFFE }

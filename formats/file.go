@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -16,7 +18,16 @@ type File struct {
 	f        *os.File
 	name     string
 	readOnly bool
+	// direct files need aligned buffers, offsets and lengths; rmw
+	// serialises the read-modify-write of unaligned direct writes so two
+	// of them sharing a block cannot lose each other's bytes.
+	direct bool
+	rmw    sync.Mutex
 }
+
+// directAlign is the alignment O_DIRECT I/O is done with: the largest
+// logical block size in common use, as QEMU probes it.
+const directAlign = 4096
 
 // OpenFile opens a host file. direct asks for O_DIRECT (cache modes
 // "none" and "directsync").
@@ -32,7 +43,7 @@ func OpenFile(name string, readOnly, direct bool) (*File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("Could not open '%s': %w", name, errnoOf(err))
 	}
-	return &File{f: f, name: name, readOnly: readOnly}, nil
+	return &File{f: f, name: name, readOnly: readOnly, direct: direct}, nil
 }
 
 // CreateFile creates (or empties) a host file for a new image. As QEMU's
@@ -91,6 +102,13 @@ func (f *File) Fd() uintptr { return f.f.Fd() }
 // ReadAt reads len(p) bytes; bytes past the end of the file read as zeroes,
 // as QEMU's file protocol does for images whose last cluster is short.
 func (f *File) ReadAt(p []byte, off int64) (int, error) {
+	if f.direct && !aligned(p, off) {
+		start, buf := bounce(p, off)
+		if _, err := f.ReadAt(buf, start); err != nil {
+			return 0, err
+		}
+		return copy(p, buf[off-start:]), nil
+	}
 	n, err := f.f.ReadAt(p, off)
 	if err == io.EOF {
 		clear(p[n:])
@@ -104,7 +122,36 @@ func (f *File) WriteAt(p []byte, off int64) (int, error) {
 	if f.readOnly {
 		return 0, ErrReadOnly
 	}
+	if f.direct && !aligned(p, off) {
+		f.rmw.Lock()
+		defer f.rmw.Unlock()
+		start, buf := bounce(p, off)
+		if _, err := f.ReadAt(buf, start); err != nil {
+			return 0, err
+		}
+		copy(buf[off-start:], p)
+		if _, err := f.f.WriteAt(buf, start); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
 	return f.f.WriteAt(p, off)
+}
+
+// aligned reports whether p and off can go to an O_DIRECT file as they are.
+func aligned(p []byte, off int64) bool {
+	return off%directAlign == 0 && len(p)%directAlign == 0 &&
+		(len(p) == 0 || uintptr(unsafe.Pointer(&p[0]))%directAlign == 0)
+}
+
+// bounce returns an aligned buffer covering [off, off+len(p)) and its
+// file offset.
+func bounce(p []byte, off int64) (int64, []byte) {
+	start := off &^ (directAlign - 1)
+	end := (off + int64(len(p)) + directAlign - 1) &^ (directAlign - 1)
+	raw := make([]byte, end-start+directAlign)
+	shift := int(directAlign-uintptr(unsafe.Pointer(&raw[0]))%directAlign) % directAlign
+	return start, raw[shift : shift+int(end-start)]
 }
 
 // Size is the current length of the file.

@@ -3,7 +3,6 @@ package formats
 import (
 	"errors"
 	"fmt"
-	"math"
 	"math/bits"
 	"sort"
 	"strconv"
@@ -84,22 +83,51 @@ func NewOptions(specs []OptionSpec) *Options {
 	return &Options{Specs: specs, values: map[string]string{}}
 }
 
-// Parse adds "name=value,name=value" (QemuOpts syntax: ",," is a literal
-// comma, a bare name means name=on) to o.
+// Parse adds "name=value,name=value" to o, item by item as QemuOpts
+// reads a list: ",," in a value is a literal comma, a bare name means
+// name=on, and a bare "noname" means name=off.
 func (o *Options) Parse(list string) error {
-	for _, item := range splitOptions(list) {
-		if item == "" {
-			continue
+	for p := list; p != ""; {
+		var name, value string
+		n := strings.IndexAny(p, "=,")
+		if n < 0 {
+			n = len(p)
 		}
-		name, value, hasValue := strings.Cut(item, "=")
-		if !hasValue {
+		if n == len(p) || p[n] == ',' {
+			name, p = p[:n], p[n:]
 			value = "on"
+			if rest, ok := strings.CutPrefix(name, "no"); ok {
+				name, value = rest, "off"
+			}
+		} else {
+			name = p[:n]
+			value, p = optionValue(p[n+1:])
 		}
+		p = strings.TrimPrefix(p, ",")
 		if err := o.Set(name, value); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// optionValue reads a value up to the first single comma, turning ",,"
+// into ",", and returns it and the rest of the list from that comma on.
+func optionValue(s string) (value, rest string) {
+	var b strings.Builder
+	for {
+		i := strings.IndexByte(s, ',')
+		if i < 0 {
+			b.WriteString(s)
+			return b.String(), ""
+		}
+		if i+1 == len(s) || s[i+1] != ',' {
+			b.WriteString(s[:i])
+			return b.String(), s[i:]
+		}
+		b.WriteString(s[:i+1])
+		s = s[i+2:]
+	}
 }
 
 // splitOptions splits a QemuOpts list at single commas.
@@ -156,11 +184,15 @@ func (o *Options) Set(name, value string) error {
 			return fmt.Errorf("Parameter '%s' expects 'on' or 'off'", name)
 		}
 	case OptNumber:
-		if _, err := strconv.ParseUint(value, 0, 64); err != nil {
+		if _, err := parseNumber(value); errors.Is(err, ErrSizeRange) {
+			return fmt.Errorf("Value '%s' is too large for parameter '%s'", value, name)
+		} else if err != nil {
 			return fmt.Errorf("Parameter '%s' expects a number", name)
 		}
 	case OptSize:
-		if _, err := ParseSize(value); err != nil {
+		if _, err := ParseSize(value); errors.Is(err, ErrSizeRange) {
+			return fmt.Errorf("Value '%s' is out of range for parameter '%s'", value, name)
+		} else if err != nil {
 			return fmt.Errorf("Parameter '%s' expects a non-negative number below 2^64\n"+
 				"Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"+
 				"and exabytes, respectively.", name)
@@ -205,8 +237,37 @@ func (o *Options) Uint(name string) (uint64, bool) {
 		n, err := ParseSize(v)
 		return n, err == nil
 	}
-	n, err := strconv.ParseUint(v, 0, 64)
+	n, err := parseNumber(v)
 	return n, err == nil
+}
+
+// parseNumber reads a whole string as C's strtoull with base 0 does,
+// which is how QemuOpts reads numbers: leading white space, an optional
+// sign (a minus wraps around), then hex ("0x"), octal (leading "0") or
+// decimal digits. Overflow wraps ErrSizeRange.
+func parseNumber(s string) (uint64, error) {
+	p := strings.TrimLeft(s, " \t\n\v\f\r")
+	neg := strings.HasPrefix(p, "-")
+	if neg || strings.HasPrefix(p, "+") {
+		p = p[1:]
+	}
+	base := 10
+	switch {
+	case len(p) > 2 && p[0] == '0' && (p[1] == 'x' || p[1] == 'X') && digitValue(p[2]) < 16:
+		base, p = 16, p[2:]
+	case strings.HasPrefix(p, "0"):
+		base = 8
+	}
+	n, rest, err := parseUintPrefix(p, base)
+	switch {
+	case rest != "" || err != nil && !errors.Is(err, ErrSizeRange):
+		return 0, fmt.Errorf("invalid number %q", s)
+	case err != nil:
+		return 0, fmt.Errorf("number %q: %w", s, ErrSizeRange)
+	case neg:
+		return -n, nil
+	}
+	return n, nil
 }
 
 // Summary renders the options as qemu_opts_print does for create's
@@ -224,8 +285,9 @@ func (o *Options) Summary() string {
 		}
 		switch {
 		case given && (s.Type == OptSize || s.Type == OptNumber):
+			// qemu_opts_print prints them with PRId64: as signed.
 			n, _ := o.Uint(s.Name)
-			v = strconv.FormatUint(n, 10)
+			v = strconv.FormatInt(int64(n), 10)
 		case s.Type == OptString:
 			// QEMU doubles commas so the line reads back as an option list.
 			v = strings.ReplaceAll(v, ",", ",,")
@@ -314,7 +376,11 @@ func ParseSize(s string) (uint64, error) {
 		}
 		if n > 1 {
 			f, _ := strconv.ParseFloat("0"+rest[:n], 64)
-			frac = uint64(min(f*0x1p64, math.MaxUint64))
+			// A fraction that rounds to 1.0 converts to 0 in QEMU's
+			// (uint64_t)(fraction * 0x1p64) on x86-64.
+			if f < 1 {
+				frac = uint64(f * 0x1p64)
+			}
 		}
 		rest = rest[n:]
 	}

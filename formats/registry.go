@@ -9,9 +9,10 @@ import (
 	"sync"
 )
 
-// ProbeSize is how many leading bytes of a file probing looks at, as
-// QEMU's BLOCK_PROBE_BUF_SIZE.
-const ProbeSize = 2048
+// ProbeSize is how many leading bytes of a file probing looks at: QEMU's
+// BLOCK_PROBE_BUF_SIZE, one sector. raw-format.c relies on it being the
+// sector a probed raw image protects.
+const ProbeSize = 512
 
 // Driver is one image format.
 type Driver struct {
@@ -85,16 +86,18 @@ func Probe(buf []byte, filename string) *Driver {
 	return best
 }
 
-// ProbeFile reads the head of f and probes it.
+// ProbeFile reads the head of f and probes it, as QEMU's
+// find_image_format does: an empty file is raw without probing, and a
+// file shorter than ProbeSize is probed padded with zeroes.
 func ProbeFile(f *File) (*Driver, error) {
-	buf := make([]byte, ProbeSize)
 	size, err := f.Size()
 	if err != nil {
 		return nil, err
 	}
-	if size < ProbeSize {
-		buf = buf[:size]
+	if d := Lookup("raw"); size == 0 && d != nil {
+		return d, nil
 	}
+	buf := make([]byte, ProbeSize)
 	if _, err := f.ReadAt(buf, 0); err != nil {
 		return nil, err
 	}
@@ -119,6 +122,10 @@ type OpenOptions struct {
 	ForceShare bool
 	// Direct opens host files with O_DIRECT.
 	Direct bool
+	// Check opens the image for `qemu-img check` (QEMU's BDRV_O_CHECK):
+	// a writable image left dirty is not repaired on open, the check
+	// reports and repairs it.
+	Check bool
 	// Warn receives warnings QEMU prints on stderr, e.g. about probed
 	// raw images. nil discards them.
 	Warn func(msg string)

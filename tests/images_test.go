@@ -1,6 +1,7 @@
 package tests
 
 import (
+	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -108,8 +109,10 @@ func randomData(file string, off, n int64) step {
 // fillRandom fills buf from a generator seeded by seed.
 func fillRandom(buf []byte, seed uint64) {
 	r := rand.New(rand.NewPCG(seed, 0x696d676673))
-	for i := range buf {
-		buf[i] = byte(r.Uint32())
+	var word [8]byte
+	for i := 0; i < len(buf); i += len(word) {
+		binary.LittleEndian.PutUint64(word[:], r.Uint64())
+		copy(buf[i:], word[:])
 	}
 }
 

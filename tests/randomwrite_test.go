@@ -59,7 +59,7 @@ func TestRandomWrites(t *testing.T) {
 			w := &randomWriter{base: base, shadow: bytes.Clone(base)}
 
 			img := openRW(t, file)
-			w.run(t, img, rand.New(rand.NewPCG(uint64(i), 1)), 0, rwSize, 1500)
+			w.run(t, img, rand.New(rand.NewPCG(uint64(i), 1)), 0, rwSize, 1000)
 			w.verify(t, img)
 			if err := img.Close(); err != nil {
 				t.Fatalf("close: %v", err)
@@ -75,7 +75,7 @@ func TestRandomWrites(t *testing.T) {
 				start := g * region
 				end := min(start+region, rwSize)
 				wg.Go(func() {
-					w.run(t, img, rand.New(rand.NewPCG(uint64(i), uint64(g+2))), start, end, 400)
+					w.run(t, img, rand.New(rand.NewPCG(uint64(i), uint64(g+2))), start, end, 250)
 				})
 			}
 			wg.Wait()
@@ -166,7 +166,7 @@ func randomRange(r *rand.Rand, start, end int64) (off, length int64) {
 	case 0: // unaligned, small
 		length = 1 + r.Int64N(8*kib)
 	case 1: // large
-		length = 1 + r.Int64N(512*kib)
+		length = 1 + r.Int64N(256*kib)
 	default: // sector aligned
 		length = 512 * (1 + r.Int64N(32))
 	}

@@ -53,6 +53,7 @@ func runCheck(c *cli.Context) error {
 	if err := op.setCache(c, "T", "Invalid source cache option"); err != nil {
 		return err
 	}
+	op.check = true
 	img, err := op.open(args[0], c.String("f"), mode == formats.CheckReadOnly, false)
 	if err != nil {
 		return err

@@ -27,6 +27,8 @@ func TestCheckRepairMatchesQemu(t *testing.T) {
 		{"corrupt.qcow2", "leaks", "human"},
 		{"corrupt.qcow2", "all", "human"},
 		{"corrupt.qcow2", "all", "json"},
+		{"dirty.qcow2", "all", "human"},
+		{"dirty.qcow2", "leaks", "json"},
 	} {
 		orig, err := os.ReadFile(tc.img)
 		if err != nil {

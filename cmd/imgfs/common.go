@@ -106,6 +106,8 @@ type opener struct {
 	imageOpts  bool
 	forceShare bool
 	direct     bool
+	// check opens images for `check`, which repairs them itself.
+	check bool
 	// secrets holds the data of --object secret definitions by id.
 	secrets map[string][]byte
 	stderr  io.Writer
@@ -187,15 +189,36 @@ func (o *opener) addObject(def string) error {
 	case "", "raw":
 		o.secrets[id] = []byte(data)
 	case "base64":
-		b, err := base64.StdEncoding.DecodeString(data)
+		b, err := decodeBase64(data)
 		if err != nil {
-			return fmt.Errorf("Unable to decode secret data: %v", err)
+			return err
 		}
 		o.secrets[id] = b
 	default:
 		return fmt.Errorf("Parameter 'format' does not accept value '%s'", opts.get("format"))
 	}
 	return nil
+}
+
+// decodeBase64 decodes like QEMU's qbase64_decode: it refuses characters
+// outside the base64 alphabet but, like g_base64_decode, forgives missing
+// padding and a dangling last character.
+func decodeBase64(s string) ([]byte, error) {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '+' || c == '/' || c == '=') {
+			return nil, errors.New("Base64 data contains invalid characters")
+		}
+	}
+	s = strings.TrimRight(s, "=")
+	if len(s)%4 == 1 {
+		s = s[:len(s)-1] // six bits make no byte
+	}
+	b, err := base64.RawStdEncoding.DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("Base64 data is invalid: %v", err)
+	}
+	return b, nil
 }
 
 // isIdentifier is QEMU's id_wellformed: a letter, then letters, digits,
@@ -277,6 +300,7 @@ func (o *opener) open(filename, format string, readOnly, noBacking bool) (format
 		NoBacking:  noBacking,
 		ForceShare: o.forceShare,
 		Direct:     o.direct,
+		Check:      o.check,
 		// Drivers' warnings (raw's about a guessed format) are whole
 		// lines without the newline.
 		Warn: func(msg string) { fmt.Fprintln(o.stderr, msg) },

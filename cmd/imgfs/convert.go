@@ -187,8 +187,9 @@ func runConvert(c *cli.Context) error {
 		Options:      f.options,
 		SkipCreate:   f.skipCreate,
 		OpenTarget: func(direct bool) (formats.Image, error) {
+			// The target is opened like the sources, but without -U.
 			top := *op
-			top.imageOpts, top.direct = f.tgtImageOpts, direct
+			top.imageOpts, top.direct, top.forceShare = f.tgtImageOpts, direct, false
 			return top.open(target, f.outFmt, false, false)
 		},
 		BackingFile:   c.String("B"),

@@ -44,9 +44,11 @@ func convertFixtures() []fixture {
 type convertCase struct {
 	args []string
 	prep [][]string
-	// compareTo is the image the output must equal ("" for the first
-	// source).
+	// compareTo is the image the output must equal: "" for the first
+	// source, "-" for qemu-img's output.
 	compareTo string
+	// format is the output's format when -O does not say it.
+	format string
 }
 
 func convertCases() []convertCase {
@@ -75,6 +77,7 @@ func convertCases() []convertCase {
 		{args: []string{"-O", "qcow2", "c2m.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "-c", "c2m.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "-c", "-o", "cluster_size=512", "c512.qcow2", "out"}},
+		{args: []string{"-O", "qcow2", "-c", "-S", "0", "c512.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "-o", "preallocation=metadata", "q64.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "-o", "compat=0.10", "q64.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "top.qcow2", "out"}},
@@ -85,6 +88,9 @@ func convertCases() []convertCase {
 		{args: []string{"-n", "raw.img", "out"}, prep: garbageRaw},
 		{args: []string{"-n", "-S", "0", "-O", "qcow2", "top.qcow2", "out"}, prep: garbageQcow},
 		{args: []string{"-f", "raw", "odd.raw", "raw.img", "out"}, compareTo: "-"},
+		{args: []string{"-c", "-O", "qcow2", "odd.raw", "q64.qcow2", "out"}, compareTo: "-"},
+		{args: []string{"-n", "--target-image-opts", "q64.qcow2", "driver=qcow2,file.filename=out"},
+			prep: garbageQcow, format: "qcow2"},
 		{args: []string{"-p", "-O", "qcow2", "q64.qcow2", "out"}},
 		{args: []string{"-p", "-O", "qcow2", "-c", "q64.qcow2", "out"}},
 		{args: []string{"-p", "-S", "0", "raw.img", "out"}},
@@ -145,6 +151,9 @@ func checkConverted(t *testing.T, name string, tc convertCase) {
 	t.Helper()
 	src := tc.args[len(tc.args)-2]
 	outFmt := "raw"
+	if tc.format != "" {
+		outFmt = tc.format
+	}
 	for i, a := range tc.args {
 		if a == "-O" {
 			outFmt = tc.args[i+1]

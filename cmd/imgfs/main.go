@@ -8,6 +8,7 @@
 package main
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"path/filepath"
 
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
 
 	_ "github.com/imgfs/imgfs/formats/all"
 )
@@ -30,7 +32,15 @@ func main() {
 	os.Exit(run(os.Args, os.Stdout, os.Stderr))
 }
 
+// run executes one command line. stdout is buffered like C's stdio when
+// it is not a terminal, so that messages on stderr come out ahead of the
+// report as they do with qemu-img writing into a pipe.
 func run(args []string, stdout, stderr io.Writer) int {
+	if f, ok := stdout.(*os.File); !ok || !isTerminal(f) {
+		out := bufio.NewWriter(stdout)
+		defer out.Flush()
+		stdout = out
+	}
 	if len(args) > 0 {
 		prog = filepath.Base(args[0])
 	}
@@ -56,12 +66,29 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	norm, err := permute(cmd, args[2:])
+	if errors.Is(err, errHelp) {
+		fmt.Fprint(stdout, programHelp())
+		return 0
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "%s: %v\nTry '%s --help' for more information\n", prog, err, prog)
 		return 1
 	}
 	err = app.Run(append([]string{args[0], args[1]}, norm...))
 	return exitCode(err, stderr)
+}
+
+func isTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// flush pushes out buffered stdout, for output that must appear at once
+// (the progress line), as QEMU's fflush(stdout).
+func flush(w io.Writer) {
+	if f, ok := w.(interface{ Flush() error }); ok {
+		f.Flush()
+	}
 }
 
 func newApp(stdout, stderr io.Writer) *cli.App {

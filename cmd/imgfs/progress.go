@@ -66,6 +66,7 @@ func (p *progressBar) print(delta float32, max int) {
 		switch {
 		case p.enabled:
 			fmt.Fprintf(p.stdout, "    (%3.2f/100%%)\r", float64(cur))
+			flush(p.stdout)
 		case p.pending.Swap(false):
 			fmt.Fprintf(p.stderr, "    (%3.2f/100%%)\n", float64(cur))
 		}
@@ -82,6 +83,7 @@ func (p *progressBar) end() {
 	}
 	if p.enabled {
 		fmt.Fprint(p.stdout, "\n")
+		flush(p.stdout)
 	}
 }
 

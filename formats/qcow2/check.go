@@ -9,9 +9,12 @@ package qcow2
 // A check builds an in-memory refcount table (one big refcount block for
 // the whole host file) by walking every structure that references
 // clusters, then compares it with the refcounts on disk. Repairs are
-// ordinary file writes: single refcount entries, L1/L2 entries, and, when
-// the refcount structure itself is broken, a new refcount structure
-// written from the in-memory table before the header is switched to it.
+// ordinary file writes in QEMU's order: changed refcount blocks (cached
+// during the check and written at its end, as QEMU's refcount cache),
+// L1/L2 entries, and, when the refcount structure itself is broken, a new
+// refcount structure written from the in-memory table before the header
+// is switched to it. Repaired images come out byte for byte as QEMU
+// leaves them.
 
 import (
 	"context"
@@ -19,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
 	"slices"
 	"syscall"
 
@@ -155,9 +159,9 @@ type checker struct {
 	// writable: corruption found while repairing is fatal (marks the
 	// image corrupt) as in qcow2_signal_corruption.
 	writable bool
-	// signaled is shared with the image: QEMU reports one corruption
-	// event per open image.
-	signaled *bool
+	// signaled: a corruption event was reported. QEMU reports one per
+	// open image; imgfs one per check run.
+	signaled bool
 	// fatal is set once a fatal corruption made the image unusable.
 	fatal bool
 
@@ -203,8 +207,8 @@ func strerror(err error) string {
 	return err.Error()
 }
 
-// asErrno keeps an errno as the check's error (so "Check failed: " reads
-// like QEMU's) and turns anything else into EIO.
+// asErrno makes an errno the check's error, so that "Check failed: "
+// reads like QEMU's; other errors are returned as they are.
 func asErrno(err error) error {
 	var errno syscall.Errno
 	if errors.As(err, &errno) {
@@ -251,7 +255,7 @@ func (c *checker) writeAt(p []byte, off uint64) error {
 // bit is set and the check cannot go on writing.
 func (c *checker) signalCorruption(fatal bool, msg string) {
 	fatal = fatal && c.writable
-	if *c.signaled && (!fatal || c.h.IncompatibleFeatures&IncompatCorrupt != 0) {
+	if c.signaled && (!fatal || c.h.IncompatibleFeatures&IncompatCorrupt != 0) {
 		return
 	}
 	if fatal {
@@ -263,7 +267,7 @@ func (c *checker) signalCorruption(fatal bool, msg string) {
 	} else {
 		c.printf("qcow2: Image is corrupt: %s; further non-fatal corruption events will be suppressed", msg)
 	}
-	*c.signaled = true
+	c.signaled = true
 }
 
 // writeIncompatible stores the incompatible feature bits (v3 only; v2
@@ -280,72 +284,93 @@ func (c *checker) writeIncompatible() error {
 	return c.f.Sync()
 }
 
-// overlaps is qcow2_check_metadata_overlap with the "cached" template:
-// the first metadata structure that [off, off+size) touches, or 0.
-func (c *checker) overlaps(ign int, off, size uint64) (int, error) {
+// metadataRefs is what qcow2_check_metadata_overlap looks at: where the
+// image's metadata lives.
+type metadataRefs struct {
+	hdr         *Header
+	clusterSize uint64
+	l1          []uint64
+	reftable    []uint64
+	snapshots   []SnapshotEntry
+	// snapshotsSize is the snapshot table's length in bytes.
+	snapshotsSize uint64
+}
+
+// overlap is qcow2_check_metadata_overlap with the "cached" template
+// that QEMU uses by default, minus the checks in ign: the first metadata
+// structure (an ol* bit, in QEMU's order) that [off, off+size) touches
+// once widened to whole clusters, or 0.
+func (m metadataRefs) overlap(ign int, off, size uint64) int {
 	chk := olCached &^ ign
 	if size == 0 {
-		return 0, nil
+		return 0
 	}
-	cs := uint64(c.l.ClusterSize)
+	cs := m.clusterSize
 	if chk&olMainHeader != 0 && off < cs {
-		return olMainHeader, nil
+		return olMainHeader
 	}
-	size = (c.offsetIntoCluster(off) + size + cs - 1) &^ (cs - 1)
+	size = (off&(cs-1) + size + cs - 1) &^ (cs - 1)
 	off &^= cs - 1
 	hit := func(o, n uint64) bool { return n > 0 && o < off+size && off < o+n }
-	if chk&olActiveL1 != 0 && len(c.l1) > 0 && hit(c.h.L1TableOffset, uint64(len(c.l1))*8) {
-		return olActiveL1, nil
+	h := m.hdr
+	if chk&olActiveL1 != 0 && hit(h.L1TableOffset, uint64(len(m.l1))*8) {
+		return olActiveL1
 	}
-	if chk&olRefcountTable != 0 && len(c.reftable) > 0 && hit(c.h.RefcountTableOffset, uint64(len(c.reftable))*8) {
-		return olRefcountTable, nil
+	if chk&olRefcountTable != 0 && hit(h.RefcountTableOffset, uint64(len(m.reftable))*8) {
+		return olRefcountTable
 	}
-	if chk&olSnapshotTable != 0 && c.snapshotsSize > 0 && hit(c.h.SnapshotsOffset, uint64(c.snapshotsSize)) {
-		return olSnapshotTable, nil
+	if chk&olSnapshotTable != 0 && hit(h.SnapshotsOffset, m.snapshotsSize) {
+		return olSnapshotTable
 	}
 	if chk&olInactiveL1 != 0 {
-		for _, sn := range c.snapshots {
-			if sn.L1Size != 0 && hit(sn.L1TableOffset, uint64(sn.L1Size)*8) {
-				return olInactiveL1, nil
+		for _, sn := range m.snapshots {
+			if hit(sn.L1TableOffset, uint64(sn.L1Size)*8) {
+				return olInactiveL1
 			}
 		}
 	}
 	if chk&olActiveL2 != 0 {
-		for _, e := range c.l1 {
+		for _, e := range m.l1 {
 			if o := e & OffsetMask; o != 0 && hit(o, cs) {
-				return olActiveL2, nil
+				return olActiveL2
 			}
 		}
 	}
 	if chk&olRefcountBlock != 0 {
-		for _, e := range c.reftable {
+		for _, e := range m.reftable {
 			if o := e & reftOffsetMask; o != 0 && hit(o, cs) {
-				return olRefcountBlock, nil
+				return olRefcountBlock
 			}
 		}
 	}
 	// Inactive L2 tables are not in the "cached" template.
-	if chk&olBitmapDirectory != 0 && c.h.Bitmaps != nil && hit(c.h.Bitmaps.DirectoryOff, c.h.Bitmaps.DirectorySize) {
-		return olBitmapDirectory, nil
+	if chk&olBitmapDirectory != 0 && h.Bitmaps != nil && hit(h.Bitmaps.DirectoryOff, h.Bitmaps.DirectorySize) {
+		return olBitmapDirectory
 	}
-	return 0, nil
+	return 0
+}
+
+// overlapName names an ol* bit as QEMU's messages do.
+func overlapName(ol int) string {
+	return overlapNames[bits.TrailingZeros(uint(ol))]
 }
 
 // preWriteOverlapCheck is qcow2_pre_write_overlap_check: a write that
 // would hit metadata is refused with EIO and signals a fatal corruption.
 func (c *checker) preWriteOverlapCheck(ign int, off, size uint64) error {
-	ol, err := c.overlaps(ign, off, size)
-	if err != nil {
-		return err
+	refs := metadataRefs{
+		hdr:           &c.h,
+		clusterSize:   uint64(c.l.ClusterSize),
+		l1:            c.l1,
+		reftable:      c.reftable,
+		snapshots:     c.snapshots,
+		snapshotsSize: uint64(c.snapshotsSize),
 	}
+	ol := refs.overlap(ign, off, size)
 	if ol == 0 {
 		return nil
 	}
-	bit := 0
-	for ol&(1<<bit) == 0 {
-		bit++
-	}
-	c.signalCorruption(true, "Preventing invalid write on metadata (overlaps with "+overlapNames[bit]+")")
+	c.signalCorruption(true, "Preventing invalid write on metadata (overlaps with "+overlapName(ol)+")")
 	return errCheckIO
 }
 
@@ -1351,7 +1376,6 @@ func (img *Image) checkLocked(ctx context.Context, fix fixFlags, report func(str
 			return nil, err
 		}
 	}
-	signaled := false
 	c := &checker{
 		ctx:       ctx,
 		f:         img.file,
@@ -1360,7 +1384,6 @@ func (img *Image) checkLocked(ctx context.Context, fix fixFlags, report func(str
 		fix:       fix,
 		report:    report,
 		writable:  !img.readOnly,
-		signaled:  &signaled,
 		l1:        append([]uint64(nil), img.l1...),
 		reftable:  append([]uint64(nil), img.reftable...),
 		snapshots: img.snapshots,
@@ -1370,9 +1393,9 @@ func (img *Image) checkLocked(ctx context.Context, fix fixFlags, report func(str
 		end := last.Offset + snapshotHeaderLen + uint64(len(last.Extra)) + uint64(len(last.ID)) + uint64(len(last.Name))
 		c.snapshotsSize = int64(end - c.h.SnapshotsOffset)
 	}
-	if fix != 0 {
+	if !img.readOnly {
 		// Whatever the outcome, the tables the driver cached may be
-		// stale.
+		// stale after repairs or a corruption event.
 		defer func() {
 			if aerr := img.adoptCheckState(c); aerr != nil && err == nil {
 				res, err = nil, aerr
@@ -1384,7 +1407,6 @@ func (img *Image) checkLocked(ctx context.Context, fix fixFlags, report func(str
 	var snapRes formats.CheckResult
 	c.checkSnapshotTable(&snapRes)
 	if err := c.checkRefcounts(result); err != nil {
-		addCheckResult(result, &snapRes)
 		return nil, err
 	}
 	if snapRes.Corruptions != 0 && fix&fixErrors != 0 {
@@ -1395,8 +1417,6 @@ func (img *Image) checkLocked(ctx context.Context, fix fixFlags, report func(str
 		}
 		if err := img.rewriteSnapshotTable(c.snapshotsSize); err != nil {
 			c.printf("ERROR failed to update snapshot table: %s", strerror(err))
-			snapRes.CheckErrors++
-			addCheckResult(result, &snapRes)
 			return nil, asErrno(err)
 		}
 		snapRes.CorruptionsFixed += snapRes.Corruptions

@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/imgfs/imgfs/control"
 	"github.com/imgfs/imgfs/formats"
 )
 
@@ -249,59 +250,37 @@ func qemuCheck(t *testing.T, path string, mode formats.CheckMode) checkOutcome {
 	return out
 }
 
-// ourCheck runs our check the way qemu-img's img_check drives the
-// driver: one pass, and when something was repaired a second read-only
-// pass whose counters are shown with the first pass's fixed counts.
+// ourCheck runs our check through control.Check, which drives it as
+// qemu-img's img_check does (a second read-only pass after repairs).
 func ourCheck(t *testing.T, path string, mode formats.CheckMode) checkOutcome {
 	t.Helper()
-	f, err := formats.OpenFile(path, mode == formats.CheckReadOnly, false)
+	ro := mode == formats.CheckReadOnly
+	f, err := formats.OpenFile(path, ro, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var msgs []string
 	report := func(s string) { msgs = append(msgs, s) }
-	fimg, err := open(f, &formats.OpenOptions{Format: "qcow2", ReadOnly: mode == formats.CheckReadOnly, NoBacking: true, Warn: report})
+	img, err := open(f, &formats.OpenOptions{Format: "qcow2", ReadOnly: ro, NoBacking: true, Warn: report})
 	if err != nil {
 		t.Fatal(err)
 	}
-	img := fimg.(*Image)
 	defer img.Close()
-	out := checkOutcome{Counters: map[string]int64{}}
-	res, err := img.Check(context.Background(), mode, report)
-	if err == nil && (res.CorruptionsFixed != 0 || res.LeaksFixed != 0) {
-		var res2 *formats.CheckResult
-		res2, err = img.Check(context.Background(), formats.CheckReadOnly, report)
-		if err == nil {
-			res2.CorruptionsFixed, res2.LeaksFixed = res.CorruptionsFixed, res.LeaksFixed
-			res = res2
-		}
-	}
-	out.Messages = msgs
+	rep, err := control.Check(context.Background(), control.CheckOptions{Image: img, Filename: path, Mode: mode, Report: report})
+	out := checkOutcome{Counters: map[string]int64{}, Messages: msgs}
 	if err != nil {
-		out.Messages = append(out.Messages, "Check failed: "+err.Error())
+		out.Messages = append(msgs, "Check failed: "+err.Error())
 		out.Code = 1
 		return out
 	}
-	for k, v := range map[string]int64{
-		"image-end-offset": res.ImageEndOffset, "total-clusters": res.TotalClusters,
-		"corruptions": res.Corruptions, "corruptions-fixed": res.CorruptionsFixed,
-		"leaks": res.Leaks, "leaks-fixed": res.LeaksFixed,
-		"allocated-clusters": res.AllocatedClusters, "fragmented-clusters": res.FragmentedClusters,
-		"compressed-clusters": res.CompressedClusters,
-	} {
-		if v != 0 {
-			out.Counters[k] = v
+	for _, m := range rep.Object() {
+		if v, ok := m.Value.(int64); ok {
+			out.Counters[m.Key] = v
 		}
 	}
-	out.Counters["check-errors"] = res.CheckErrors
-	switch {
-	case res.CheckErrors != 0:
+	out.Code = rep.ExitCode()
+	if rep.CheckErrors != 0 {
 		out.Messages = append(out.Messages, "Check failed")
-		out.Code = 1
-	case res.Corruptions != 0:
-		out.Code = 2
-	case res.Leaks != 0:
-		out.Code = 3
 	}
 	return out
 }
@@ -524,6 +503,15 @@ func checkCases() []checkCase {
 			m.write(h.SnapshotsOffset+8, []byte{0x01, 0, 0, 0})
 			return m
 		}},
+		{name: "shared-l2-unaligned-zero", build: func(t *testing.T) *image {
+			// The snapshot shares the L2 table: zeroing the entry
+			// through the snapshot's table is a write on an active L2
+			// table, which the overlap check refuses.
+			m := newImage(t, "", "10M").io("write -P 0x11 0 128k")
+			mustRun(t, "qemu-img", "snapshot", "-c", "s1", m.path)
+			m.setL2Entry(64<<10, (m.l2Entry(64<<10)|OflagZero)+0x200)
+			return m
+		}},
 		{name: "external-data-file", build: func(t *testing.T) *image {
 			dir := t.TempDir()
 			mustRunIn(t, dir, "qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.qcow2.data", "t.qcow2", "10M")
@@ -598,45 +586,60 @@ func TestCheckMatchesQemu(t *testing.T) {
 }
 
 // TestRepairDirty: a lazy-refcounts image left dirty is repaired by the
-// read-write open as QEMU's open repairs it.
+// read-write open as QEMU's open repairs it: same messages, and the same
+// bytes on disk afterwards.
 func TestRepairDirty(t *testing.T) {
 	needQemu(t)
-	m := newImage(t, "lazy_refcounts=on", "10M")
-	// qemu-io's abort leaves the image dirty with refcounts not written.
-	run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x22 0 200k", "-c", "write -P 0x23 1M 64k", "-c", "abort", m.path)
-	if h, _ := m.header(); h.IncompatibleFeatures&IncompatDirty == 0 {
-		t.Fatal("image is not dirty after qemu-io abort")
-	}
-	want := qemuCheck(t, m.copy(t), formats.CheckReadOnly)
-	got := ourCheck(t, m.copy(t), formats.CheckReadOnly)
-	diffOutcome(t, "check of dirty image", want, got)
+	for _, tc := range []struct {
+		name, opts string
+		snapshot   bool
+	}{
+		{"64k", "lazy_refcounts=on", false},
+		{"512-refcount-1", "lazy_refcounts=on,cluster_size=512,refcount_bits=1", false},
+		{"extended-l2", "lazy_refcounts=on,extended_l2=on", false},
+		{"snapshot", "lazy_refcounts=on,refcount_bits=64", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			m := newImage(t, tc.opts, "10M")
+			if tc.snapshot {
+				m.io("write -P 0x21 0 64k")
+				mustRun(t, "qemu-img", "snapshot", "-c", "s1", m.path)
+			}
+			// qemu-io's abort leaves the image dirty with refcounts not
+			// written.
+			run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0x22 0 200k", "-c", "write -P 0x23 1M 64k", "-c", "abort", m.path)
+			if h, _ := m.header(); h.IncompatibleFeatures&IncompatDirty == 0 {
+				t.Fatal("image is not dirty after qemu-io abort")
+			}
+			diffOutcome(t, "check of dirty image", qemuCheck(t, m.copy(t), formats.CheckReadOnly), ourCheck(t, m.copy(t), formats.CheckReadOnly))
 
-	theirs, ours := m.copy(t), m.copy(t)
-	_, qemuMsgs, _ := run(t, "qemu-io", "-f", "qcow2", "-c", "read -P 0x22 0 200k", theirs)
-	var msgs []string
-	img, err := formats.Open(ours, formats.OpenOptions{Format: "qcow2", Warn: func(s string) { msgs = append(msgs, s) }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := img.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if got := strings.Join(msgs, "\n") + "\n"; got != qemuMsgs {
-		t.Errorf("repair messages\nqemu:\n%sours:\n%s", qemuMsgs, got)
-	}
-	diffOutcome(t, "check after repair", qemuCheck(t, theirs, formats.CheckReadOnly), qemuCheck(t, ours, formats.CheckReadOnly))
-	if h := (&image{t: t, path: ours}); true {
-		if hd, _ := h.header(); hd.IncompatibleFeatures&IncompatDirty != 0 {
-			t.Error("dirty bit still set after repair")
-		}
-	}
-	if _, stderr, code := run(t, "qemu-img", "compare", theirs, ours); code != 0 {
-		t.Errorf("content differs after repair: %s", stderr)
-	}
-	a, _ := os.ReadFile(theirs)
-	b, _ := os.ReadFile(ours)
-	if i := firstDiff(a, b); i >= 0 {
-		t.Errorf("repaired file differs from QEMU's repair at byte %#x (%d vs %d bytes)", i, len(a), len(b))
+			theirs, ours := m.copy(t), m.copy(t)
+			_, qemuMsgs, _ := run(t, "qemu-io", "-f", "qcow2", "-c", "read -P 0x22 0 200k", theirs)
+			var msgs []string
+			img, err := formats.Open(ours, formats.OpenOptions{Format: "qcow2", Warn: func(s string) { msgs = append(msgs, s) }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := img.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.Join(msgs, "\n") + "\n"; got != qemuMsgs {
+				t.Errorf("repair messages\nqemu:\n%sours:\n%s", qemuMsgs, got)
+			}
+			diffOutcome(t, "check after repair", qemuCheck(t, theirs, formats.CheckReadOnly), qemuCheck(t, ours, formats.CheckReadOnly))
+			if h, _ := (&image{t: t, path: ours}).header(); h.IncompatibleFeatures&IncompatDirty != 0 {
+				t.Error("dirty bit still set after repair")
+			}
+			if _, stderr, code := run(t, "qemu-img", "compare", theirs, ours); code != 0 {
+				t.Errorf("content differs after repair: %s", stderr)
+			}
+			a, _ := os.ReadFile(theirs)
+			b, _ := os.ReadFile(ours)
+			if i := firstDiff(a, b); i >= 0 {
+				t.Errorf("repaired file differs from QEMU's repair at byte %#x (%d vs %d bytes)", i, len(a), len(b))
+			}
+		})
 	}
 }
 
@@ -804,4 +807,42 @@ func FuzzCheck(f *testing.F) {
 			fimg.Close()
 		}
 	})
+}
+
+func TestMetadataOverlap(t *testing.T) {
+	h := &Header{L1TableOffset: 0x30000, RefcountTableOffset: 0x10000, SnapshotsOffset: 0x90000,
+		Bitmaps: &BitmapsExt{DirectoryOff: 0xa0000, DirectorySize: 40}}
+	refs := metadataRefs{
+		hdr: h, clusterSize: 0x10000,
+		l1:            []uint64{OflagCopied | 0x40000, 0},
+		reftable:      []uint64{0x20000, 0},
+		snapshots:     []SnapshotEntry{{L1TableOffset: 0x80000, L1Size: 2}},
+		snapshotsSize: 100,
+	}
+	for _, tc := range []struct {
+		ign       int
+		off, size uint64
+		want      int
+	}{
+		{0, 0x200, 8, olMainHeader},
+		{0, 0x10008, 8, olRefcountTable},
+		{0, 0x2fff0, 0x20, olActiveL1}, // widened to whole clusters
+		{0, 0x20010, 8, olRefcountBlock},
+		{0, 0x30000, 8, olActiveL1},
+		{olActiveL1, 0x30000, 8, 0},
+		{0, 0x48000, 8, olActiveL2},
+		{olActiveL2, 0x48000, 8, 0},
+		{0, 0x50000, 0x20000, 0},
+		{0, 0x80000, 8, olInactiveL1},
+		{0, 0x90010, 8, olSnapshotTable},
+		{0, 0xa0000, 0x10000, olBitmapDirectory},
+		{0, 0xb0000, 0, 0},
+	} {
+		if got := refs.overlap(tc.ign, tc.off, tc.size); got != tc.want {
+			t.Errorf("overlap(%#x, %#x, %#x) = %#x, want %#x", tc.ign, tc.off, tc.size, got, tc.want)
+		}
+	}
+	if got := overlapName(olRefcountBlock); got != "refcount block" {
+		t.Errorf("overlapName(olRefcountBlock) = %q", got)
+	}
 }

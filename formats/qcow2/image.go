@@ -163,7 +163,7 @@ func (h *Header) checkCompressionType() error {
 		}
 	case CompressionZstd:
 		if h.IncompatibleFeatures&IncompatCompressionType == 0 {
-			return errorf(formats.ErrCorrupt, "qcow2: Invalid compression type: incompatible feature bit is not set")
+			return errorf(formats.ErrCorrupt, "qcow2: Compression type incompatible feature bit must be set")
 		}
 	default:
 		return errorf(formats.ErrUnsupported, "qcow2: unknown compression type: %d", h.CompressionType)
@@ -256,7 +256,7 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 		}
 	}
 	if !img.readOnly {
-		if err := img.openReadWrite(); err != nil {
+		if err := img.openReadWrite(!o.Check); err != nil {
 			img.closeFiles()
 			return nil, err
 		}
@@ -295,8 +295,9 @@ func (img *Image) openDataFile(f *formats.File, o *formats.OpenOptions) error {
 }
 
 // openReadWrite does what QEMU does when an image is opened for writing:
-// clear unknown autoclear bits and repair an image left dirty.
-func (img *Image) openReadWrite() error {
+// clear unknown autoclear bits and, with repair (not for check), repair
+// an image left dirty.
+func (img *Image) openReadWrite(repair bool) error {
 	img.mu.Lock()
 	defer img.mu.Unlock()
 	h := img.hdr
@@ -306,7 +307,7 @@ func (img *Image) openReadWrite() error {
 			return fmt.Errorf("Could not update qcow2 header: %w", err)
 		}
 	}
-	if h.IncompatibleFeatures&IncompatDirty != 0 {
+	if repair && h.IncompatibleFeatures&IncompatDirty != 0 {
 		if err := img.repairDirty(); err != nil {
 			return fmt.Errorf("Could not repair dirty image: %w", err)
 		}

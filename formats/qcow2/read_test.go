@@ -133,6 +133,7 @@ func TestReadMatchesQemu(t *testing.T) {
 	haveQemu(t)
 	for _, c := range readCases() {
 		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
 			dir := t.TempDir()
 			name := buildReadCase(t, dir, c)
 			img := openImg(t, name, true)

@@ -133,16 +133,9 @@ func (img *Image) shrink(size, newL1 int64) error {
 	lay := &img.lay
 	cs := lay.ClusterSize
 	for pos := (size + cs - 1) &^ (cs - 1); pos < img.size; pos += cs {
-		l1i := lay.L1Index(pos)
-		l2off, err := img.l2Offset(l1i)
-		if err != nil {
-			return err
-		}
-		if l2off == 0 {
-			pos = (l1i+1)*lay.L1Coverage() - cs
-			continue
-		}
-		t, err := img.writableL2(l1i)
+		// Like QEMU's discard, this allocates missing L2 tables; those
+		// past the new end are freed again below.
+		t, err := img.writableL2(lay.L1Index(pos))
 		if err != nil {
 			return err
 		}

@@ -226,29 +226,25 @@ func (img *Image) writeAlloc(p []byte, off int64) (int64, error) {
 	}
 	// Data first: assemble each cluster's new bytes from p and the old
 	// contents, and write runs that are contiguous on the host at once.
-	var pend []byte
-	var pendHost uint64
-	flush := func() error {
-		if len(pend) == 0 {
-			return nil
-		}
-		if _, err := img.data.WriteAt(pend, int64(pendHost)); err != nil {
-			return fmt.Errorf("%s: writing %d bytes at host offset %#x: %w", img.data.Name(), len(pend), pendHost, err)
-		}
-		pend = nil
-		return nil
-	}
+	var run hostRun
 	written := int64(0)
 	for i := range plan {
 		w := &plan[i]
 		a := max(off, w.guest) - w.guest
 		b := min(end, w.guest+cs) - w.guest
-		src := p[w.guest+a-off : w.guest+b-off]
-		var chunk []byte
+		srcStart := w.guest + a - off
+		src := p[srcStart : srcStart+b-a]
+		h := w.host + uint64(w.lo)
+		if !run.contiguous(h) || w.lo != 0 {
+			if err := run.flush(img.data); err != nil {
+				return 0, err
+			}
+			run = hostRun{host: h}
+		}
 		if a == w.lo && b == w.hi {
-			chunk = src
+			run.addFromP(p, int(srcStart), int(b-a))
 		} else {
-			chunk = make([]byte, w.hi-w.lo)
+			chunk := make([]byte, w.hi-w.lo)
 			if err := img.readLocked(chunk[:a-w.lo], w.guest+w.lo); err != nil {
 				return 0, err
 			}
@@ -256,19 +252,18 @@ func (img *Image) writeAlloc(p []byte, off int64) (int64, error) {
 				return 0, err
 			}
 			copy(chunk[a-w.lo:], src)
+			run.add(chunk)
 		}
-		h := w.host + uint64(w.lo)
-		if len(pend) > 0 && pendHost+uint64(len(pend)) == h && w.lo == 0 {
-			pend = append(pend[:len(pend):len(pend)], chunk...)
-		} else {
-			if err := flush(); err != nil {
+		if w.hi != cs {
+			// The next cluster cannot continue this run.
+			if err := run.flush(img.data); err != nil {
 				return 0, err
 			}
-			pend, pendHost = chunk, h
+			run = hostRun{}
 		}
 		written = w.guest + b - off
 	}
-	if err := flush(); err != nil {
+	if err := run.flush(img.data); err != nil {
 		return 0, err
 	}
 	// Then the L2 entries, then the old storage's refcounts.
@@ -291,4 +286,61 @@ func (img *Image) writeAlloc(p []byte, off int64) (int64, error) {
 		}
 	}
 	return written, nil
+}
+
+// hostRun gathers the pieces of one host-contiguous write. Pieces that
+// are consecutive slices of the caller's buffer stay a slice of it, so
+// large aligned writes are not copied.
+type hostRun struct {
+	host   uint64
+	n      int
+	pieces [][]byte
+	// pStart/pEnd: when every piece so far is p[pStart:pEnd].
+	p            []byte
+	pStart, pEnd int
+	fromP        bool
+}
+
+func (r *hostRun) contiguous(h uint64) bool { return r.n > 0 && r.host+uint64(r.n) == h }
+
+func (r *hostRun) addFromP(p []byte, start, n int) {
+	if r.n == 0 {
+		r.p, r.pStart, r.pEnd, r.fromP = p, start, start+n, true
+	} else if r.fromP && start == r.pEnd {
+		r.pEnd += n
+	} else {
+		r.fromP = false
+	}
+	r.pieces = append(r.pieces, p[start:start+n])
+	r.n += n
+}
+
+func (r *hostRun) add(b []byte) {
+	r.fromP = false
+	r.pieces = append(r.pieces, b)
+	r.n += len(b)
+}
+
+// flush writes the run to f in one request.
+func (r *hostRun) flush(f *formats.File) error {
+	if r.n == 0 {
+		return nil
+	}
+	var buf []byte
+	switch {
+	case r.fromP:
+		buf = r.p[r.pStart:r.pEnd]
+	case len(r.pieces) == 1:
+		buf = r.pieces[0]
+	default:
+		buf = make([]byte, 0, r.n)
+		for _, b := range r.pieces {
+			buf = append(buf, b...)
+		}
+	}
+	if _, err := f.WriteAt(buf, int64(r.host)); err != nil {
+		return fmt.Errorf("%s: writing %d bytes at host offset %#x: %w", f.Name(), len(buf), r.host, err)
+	}
+	*r = hostRun{}
+	return nil
 }

@@ -126,12 +126,13 @@ func TestRandomWrites(t *testing.T) {
 	haveQemu(t)
 	for _, c := range writeCases() {
 		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
 			dir := t.TempDir()
 			name, s := buildWriteCase(t, dir, c)
 			img := openImg(t, name, false)
 			rng := rand.New(rand.NewSource(int64(len(c.name))))
 			size := c.size
-			ops := 1500
+			ops := 800
 			for i := 0; i < ops; i++ {
 				off := rng.Int63n(size)
 				n := 1 + rng.Int63n(min(size-off, []int64{512, 4096, 70000, 300000}[rng.Intn(4)]))

@@ -241,17 +241,9 @@ func (img *Image) discardClusters(start, end int64) error {
 	}
 	lay := &img.lay
 	for pos := start; pos < end; pos += lay.ClusterSize {
-		l1i := lay.L1Index(pos)
-		l2off, err := img.l2Offset(l1i)
-		if err != nil {
-			return err
-		}
-		if l2off == 0 && img.backing == nil {
-			// Nothing allocated under this whole L2 table.
-			pos = (l1i+1)*lay.L1Coverage() - lay.ClusterSize
-			continue
-		}
-		t, err := img.writableL2(l1i)
+		// QEMU allocates missing L2 tables here even when nothing
+		// changes; so does this, to keep the same layout.
+		t, err := img.writableL2(lay.L1Index(pos))
 		if err != nil {
 			return err
 		}
