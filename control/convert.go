@@ -115,7 +115,11 @@ func (e *ExitZeroError) Error() string { return e.Err.Error() }
 func (e *ExitZeroError) Unwrap() error { return e.Err }
 
 // Convert copies the sources into a new (or, with SkipCreate, existing)
-// target image. Errors read like qemu-img's.
+// target image, as img_convert does: the sources' block status splits
+// the target into data, zero and backing-file chunks; workers read and
+// prepare data chunks (zero detection, compression) in parallel and
+// write them in order unless OutOfOrder; zero chunks cost nothing on a
+// new image. Errors read like qemu-img's.
 func Convert(ctx context.Context, o ConvertOptions) error {
 	c, err := newConverter(&o)
 	if err != nil {
@@ -327,6 +331,9 @@ func (c *converter) setup() error {
 // workers.
 func (c *converter) run(ctx context.Context) error {
 	for off := int64(0); off < c.total; {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		n, kind, err := c.iterate(off)
 		if err != nil {
 			return err

@@ -119,7 +119,7 @@ func (a Access) Perms() Perms {
 }
 
 // ErrLocked: another process holds a lock that conflicts with the access
-// asked for. Errors wrapping it are *LockError.
+// asked for. errors.Is(err, ErrLocked) holds for a conflict *LockError.
 var ErrLocked = errors.New("image is locked by another process")
 
 // LockError is a lock conflict, worded as QEMU words it:

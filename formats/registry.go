@@ -118,8 +118,14 @@ type OpenOptions struct {
 	// NoBacking leaves the backing image closed (qemu-img's -u and
 	// info without --backing-chain still read the header's name).
 	NoBacking bool
-	// ForceShare skips the image locks (-U).
+	// ForceShare lets others write the image while we have it open (-U):
+	// we still take our own locks but forbid nothing.
 	ForceShare bool
+	// NoIO opens for metadata only (qemu-img info), needing no read
+	// permission from the lock protocol.
+	NoIO bool
+	// Resize asks for the resize permission too (qemu-img resize).
+	Resize bool
 	// Direct opens host files with O_DIRECT.
 	Direct bool
 	// Check opens the image for `qemu-img check` (QEMU's BDRV_O_CHECK):
@@ -178,6 +184,14 @@ func Open(filename string, o OpenOptions) (Image, error) {
 	if d.ReadOnly && !o.ReadOnly {
 		f.Close()
 		return nil, fmt.Errorf("Driver '%s' can only be used for read-only devices", d.Name)
+	}
+	// The locks live as long as f: QEMU's protocol uses OFD locks, which
+	// the kernel drops when the driver closes the file.
+	access := Access{NoIO: o.NoIO, Write: !o.ReadOnly, Resize: o.Resize,
+		Metadata: d.Name != "raw", ForceShare: o.ForceShare}
+	if _, err := LockFile(f, access.Perms()); err != nil {
+		f.Close()
+		return nil, err
 	}
 	return d.Open(f, &o)
 }

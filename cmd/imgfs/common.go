@@ -108,6 +108,8 @@ type opener struct {
 	direct     bool
 	// check opens images for `check`, which repairs them itself.
 	check bool
+	// noIO opens for metadata only, as info does.
+	noIO bool
 	// secrets holds the data of --object secret definitions by id.
 	secrets map[string][]byte
 	stderr  io.Writer
@@ -301,6 +303,7 @@ func (o *opener) open(filename, format string, readOnly, noBacking bool) (format
 		ForceShare: o.forceShare,
 		Direct:     o.direct,
 		Check:      o.check,
+		NoIO:       o.noIO,
 		// Drivers' warnings (raw's about a guessed format) are whole
 		// lines without the newline.
 		Warn: func(msg string) { fmt.Fprintln(o.stderr, msg) },

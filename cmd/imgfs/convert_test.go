@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -33,6 +34,9 @@ func convertFixtures() []fixture {
 		qio("-f", "qcow2", "-c", "write -P 1 0 2M", "-c", "write -P 2 4M 64k", "base.qcow2"),
 		qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"),
 		qio("-f", "qcow2", "-c", "write -P 3 512k 64k", "-c", "write -z 1M 64k", "-c", "write -P 4 6M 4k", "top.qcow2"),
+		// An overlay larger than its backing file.
+		qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "long.qcow2", "16M"),
+		qio("-f", "qcow2", "-c", "write -P 6 7M 2M", "-c", "write -z 12M 64k", "-c", "write -P 7 14M 4k", "long.qcow2"),
 		qimg("create", "-q", "-f", "raw", "empty.raw", "64M"),
 		qimg("create", "-q", "-f", "raw", "odd.raw", "1000"),
 		qio("-f", "raw", "-c", "write -P 0x21 0 1000", "odd.raw"),
@@ -79,6 +83,8 @@ func convertCases() []convertCase {
 		{args: []string{"-O", "qcow2", "-c", "-o", "cluster_size=512", "c512.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "-c", "-S", "0", "c512.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "-o", "preallocation=metadata", "q64.qcow2", "out"}},
+		{args: []string{"-O", "qcow2", "-o", "preallocation=falloc", "raw.img", "out"}},
+		{args: []string{"-O", "raw", "-o", "preallocation=full", "q64.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "-o", "compat=0.10", "q64.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "top.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "out"}},
@@ -102,6 +108,15 @@ func convertCases() []convertCase {
 		{args: []string{"-t", "none", "-O", "raw", "q64.qcow2", "out"}},
 		{args: []string{"-c", "-O", "qcow2", "-o", "preallocation=falloc", "q64.qcow2", "out"}},
 		{args: []string{"-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "out"}},
+		{args: []string{"-O", "qcow2", "long.qcow2", "out"}},
+		{args: []string{"-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "long.qcow2", "out"}},
+		{args: []string{"-O", "qcow2", "-S", "0", "-B", "base.qcow2", "-F", "qcow2", "long.qcow2", "out"}},
+		// A source without a backing file: its holes become zero
+		// clusters over the new backing file.
+		{args: []string{"-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "raw.img", "out"}},
+		// A target backing file shorter than the source; as -B assumes
+		// the source's own backing data, compare with qemu-img's output.
+		{args: []string{"-O", "qcow2", "-B", "c512.qcow2", "-F", "qcow2", "top.qcow2", "out"}, compareTo: "-"},
 		{args: []string{"-O", "qcow2", "-c", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "out"}},
 	}
 }
@@ -233,7 +248,15 @@ func TestConvertErrorsMatchQemu(t *testing.T) {
 	if _, err := exec.LookPath("qemu-img"); err != nil {
 		t.Skip("qemu-img not installed")
 	}
-	buildFixtures(t, append(convertFixtures(), qimg("create", "-q", "-f", "raw", "small.raw", "1M")))
+	buildFixtures(t, append(convertFixtures(),
+		qimg("create", "-q", "-f", "raw", "small.raw", "1M"),
+		// A compressed cluster whose deflate stream is garbage: reads
+		// of it fail with EIO. qemu-img puts the first compressed
+		// cluster of a new 1 MiB image at 0x50000.
+		qimg("create", "-q", "-f", "qcow2", "bad.qcow2", "1M"),
+		qio("-f", "qcow2", "-c", "write -c -P 0x41 0 64k", "-c", "write -P 0x42 64k 64k", "bad.qcow2"),
+		patchFile("bad.qcow2", 0x50000, bytes.Repeat([]byte{0xff}, 64)...),
+	))
 	for _, args := range [][]string{
 		{"convert"},
 		{"convert", "raw.img"},
@@ -275,6 +298,10 @@ func TestConvertErrorsMatchQemu(t *testing.T) {
 		{"convert", "-c", "-O", "qcow2", "-o", "encrypt.format=luks", "raw.img", "o"},
 		{"convert", "-r", "x", "raw.img", "o"},
 		{"convert", "-q", "-p", "raw.img", "o"},
+		{"convert", "bad.qcow2", "o"},
+		{"convert", "--salvage", "bad.qcow2", "o"},
+		{"convert", "-q", "--salvage", "bad.qcow2", "o"},
+		{"convert", "--salvage", "-c", "-O", "qcow2", "bad.qcow2", "o"},
 	} {
 		os.Remove("o")
 		sameAsQemu(t, args...)

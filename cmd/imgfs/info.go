@@ -46,6 +46,7 @@ func runInfo(c *cli.Context) error {
 			// the backing files of the chain are plain names.
 			o := *op
 			o.imageOpts = op.imageOpts && first
+			o.noIO = true
 			first = false
 			return o.open(name, format, true, true)
 		},

@@ -32,6 +32,8 @@ type BitmapEntry struct {
 	GranularityBits uint8
 	Name            string
 	Extra           []byte
+	// DirOffset is where the entry starts within the directory.
+	DirOffset uint64
 }
 
 // ReadBitmapDirectory reads and validates the bitmap directory that the
@@ -59,6 +61,7 @@ func ReadBitmapDirectory(r io.ReaderAt, h *Header) ([]BitmapEntry, error) {
 			Flags:           be.Uint32(dir[off+12:]),
 			Type:            dir[off+16],
 			GranularityBits: dir[off+17],
+			DirOffset:       off,
 		}
 		nameLen := uint64(be.Uint16(dir[off+18:]))
 		extraLen := uint64(be.Uint32(dir[off+20:]))
@@ -98,4 +101,30 @@ func (e *BitmapEntry) info() formats.Object {
 		{Key: "granularity", Value: uint64(1) << e.GranularityBits},
 		{Key: "flags", Value: flags},
 	}
+}
+
+// markBitmapsInUse runs before the first change to guest data. This
+// driver does not track writes in persistent bitmaps, so every enabled
+// (auto) bitmap is flagged in use, in place, as QEMU leaves the bitmaps
+// of an image it did not close: they read as inconsistent afterwards
+// instead of silently missing the writes. Disabled bitmaps stay valid.
+// img.mu is held.
+func (img *Image) markBitmapsInUse() error {
+	if img.bitmapsMarked || img.hdr.Bitmaps == nil {
+		return nil
+	}
+	for i := range img.bitmaps {
+		b := &img.bitmaps[i]
+		if b.Flags&BitmapAuto == 0 || b.Flags&BitmapInUse != 0 {
+			continue
+		}
+		var f [4]byte
+		binary.BigEndian.PutUint32(f[:], b.Flags|BitmapInUse)
+		if _, err := img.file.WriteAt(f[:], int64(img.hdr.Bitmaps.DirectoryOff+b.DirOffset+12)); err != nil {
+			return err
+		}
+		b.Flags |= BitmapInUse
+	}
+	img.bitmapsMarked = true
+	return img.file.Sync()
 }

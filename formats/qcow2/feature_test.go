@@ -503,3 +503,26 @@ func TestLazyRefcounts(t *testing.T) {
 	}
 	mustBeClean(t, crashed)
 }
+
+// TestBitmapsMarkedInUse: writing flags enabled bitmaps in use (they no
+// longer match the data) and leaves disabled ones alone; the image stays
+// clean for qemu-img check.
+func TestBitmapsMarkedInUse(t *testing.T) {
+	haveQemu(t)
+	name := filepath.Join(t.TempDir(), "b.qcow2")
+	execOut(t, "qemu-img", "create", "-q", "-f", "qcow2", name, "1M")
+	execOut(t, "qemu-img", "bitmap", "--add", name, "on")
+	execOut(t, "qemu-img", "bitmap", "--add", "--disable", name, "off")
+	img := openImg(t, name, false)
+	if _, err := img.WriteAt([]byte{1}, 0); err != nil {
+		t.Fatal(err)
+	}
+	img.Close()
+	data, _ := infoData(t, name)
+	got := mustJSON(t, data["bitmaps"])
+	want := `[{"flags":["in-use","auto"],"granularity":65536,"name":"on"},{"flags":[],"granularity":65536,"name":"off"}]`
+	if got != want {
+		t.Errorf("bitmaps %s, want %s", got, want)
+	}
+	mustBeClean(t, name)
+}

@@ -87,7 +87,9 @@ type Image struct {
 	// metaPrealloc caches qcow2_detect_metadata_preallocation's answer:
 	// 0 not yet asked, 1 no, 2 yes.
 	metaPrealloc int
-	closed       bool
+	// bitmapsMarked: enabled persistent bitmaps were flagged in use.
+	bitmapsMarked bool
+	closed        bool
 }
 
 var (

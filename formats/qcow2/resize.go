@@ -37,6 +37,9 @@ func (img *Image) Resize(size int64, prealloc string, shrink bool) error {
 			return errorf(formats.ErrUnsupported, "Bitmap '%s' is currently in use by another operation", b.Name)
 		}
 	}
+	if err := img.markBitmapsInUse(); err != nil {
+		return err
+	}
 	old := img.size
 	newL1 := img.lay.L1SizeFor(size)
 	if size < old {

@@ -124,7 +124,7 @@ func (img *Image) checkWrite(off, n int64) error {
 	if off < 0 || n < 0 || off > img.size-n {
 		return fmt.Errorf("%s: write of %d bytes at %d is beyond the virtual size %d", img.file.Name(), n, off, img.size)
 	}
-	return nil
+	return img.markBitmapsInUse()
 }
 
 // writeStep writes a prefix of p at off and returns its length.

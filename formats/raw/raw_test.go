@@ -44,17 +44,9 @@ func openRaw(t *testing.T, name string, o formats.OpenOptions) formats.Image {
 }
 
 func TestConformance(t *testing.T) {
-	formatstest.Run(t, func(t *testing.T, size int64) formats.Image {
-		name := filepath.Join(t.TempDir(), "c.raw")
-		if err := create(t, name, size, ""); err != nil {
-			t.Fatal(err)
-		}
-		img, err := formats.Open(name, formats.OpenOptions{Format: "raw"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return img
-	})
+	for _, opts := range []string{"preallocation=off", "preallocation=falloc", "preallocation=full"} {
+		t.Run(opts, func(t *testing.T) { formatstest.Run(t, formatstest.Created("raw", opts)) })
+	}
 }
 
 // needQemu skips a differential test when qemu-img is not installed.
