@@ -173,3 +173,22 @@ type CompressedWriter interface {
 	// which is aligned to CompressionUnit.
 	WriteCompressed(off int64, compressed []byte) error
 }
+
+// BackingChanger rewrites which backing file an image's header names,
+// without opening it (qemu-img rebase).
+type BackingChanger interface {
+	// SetBacking stores name and format as the backing file and its
+	// format; name "" removes both. Data written before reaches the disk
+	// first, so that a crash never pairs the new reference with the old
+	// data. Errors wrap syscall.EINVAL for a name or combination the
+	// format cannot store and syscall.ENOSPC when the header has no room,
+	// as QEMU's drivers return them.
+	SetBacking(name, format string) error
+}
+
+// Emptier deallocates every cluster of an image so that it reads
+// entirely as its backing file (QEMU's bdrv_make_empty), which commit
+// does to the top image after copying it down.
+type Emptier interface {
+	MakeEmpty() error
+}

@@ -34,6 +34,23 @@ type Driver struct {
 	// convert -c checks it before creating the target, as QEMU checks
 	// block_driver_can_compress.
 	CanCompress bool
+	// Measure tells how large a new image of this format would be on
+	// disk (QEMU's bdrv_measure): opts holds the -o options and the
+	// size; src, when not nil, is the image whose content the new one
+	// would get, and its size replaces opts' size. nil when the format
+	// cannot measure.
+	Measure func(opts *Options, src Image) (*MeasureResult, error)
+}
+
+// MeasureResult is QAPI's BlockMeasureInfo: the file size a new image
+// needs for its content (Required) and with every cluster allocated
+// (FullyAllocated), plus, when HasBitmaps, the space for the source's
+// persistent bitmaps.
+type MeasureResult struct {
+	Required       int64
+	FullyAllocated int64
+	Bitmaps        int64
+	HasBitmaps     bool
 }
 
 var (

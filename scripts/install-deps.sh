@@ -1,8 +1,9 @@
 #!/bin/bash
 # install-deps.sh: installs, with apt, the system packages the tests need
 # and that are missing: qemu-utils (qemu-img, qemu-io: the reference the
-# tests compare against), fuse3 (fusermount3, for mount tests), make, and
-# gcc with libc headers (go test -race needs cgo). apt-get update runs only
+# tests compare against), fuse3 (fusermount3, for mount tests), make,
+# gcc with libc headers (go test -race needs cgo) and ca-certificates (go
+# downloads modules over HTTPS). apt-get update runs only
 # when something is missing, so a prepared machine makes no network calls.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ have fusermount3 || need+=(fuse3)
 have make || need+=(make)
 have gcc || need+=(gcc)
 [ -e /usr/include/stdlib.h ] || need+=(libc6-dev)
+[ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 
 if ((${#need[@]} == 0)); then
 	exit 0

@@ -112,6 +112,8 @@ var cliCases = [][]string{
 	{"check", "-r", "foo", "z.qcow2"},
 	{"check", "--output=xml", "z.qcow2"},
 	{"check", "-q", "z.qcow2"},
+	{"check", "-qfqcow2", "z.qcow2"},
+	{"check", "z.qcow2", "-q", "--output", "json"},
 	{"check", "-f", "raw", "t.raw"},
 	{"check", "--output=json", "-f", "raw", "t.raw"},
 	{"check", "v4.qcow2"},
@@ -260,5 +262,22 @@ func copyDir(t *testing.T, src, dst string) {
 		if err := os.WriteFile(to, data, 0o644); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestProgramName runs the binary under its own name: messages must read
+// as qemu-img's with the program name swapped, since they are prefixed
+// with the name the program was invoked by.
+func TestProgramName(t *testing.T) {
+	dir := t.TempDir()
+	imgfs := filepath.Join(filepath.Dir(ours), "imgfs")
+	for _, args := range [][]string{{}, {"foo"}, {"info"}, {"info", "-z"}, {"info", "nonexist"}} {
+		t.Run(testName(append([]string{"imgfs"}, args...)), func(t *testing.T) {
+			want := run(t, dir, qemuImg, args...)
+			want.stderr = strings.ReplaceAll(want.stderr, "qemu-img", "imgfs")
+			if d := diffResults(want, run(t, dir, imgfs, args...)); d != "" {
+				t.Errorf("imgfs %s:\n%s", strings.Join(args, " "), d)
+			}
+		})
 	}
 }

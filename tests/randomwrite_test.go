@@ -17,7 +17,7 @@ import (
 const rwSize = 8 * mib
 
 // TestRandomWrites drives imgfs's qcow2 driver with thousands of random
-// writes, zero writes and discards, first from one goroutine, then, after
+// writes, zero writes, discards and flushes, first from one goroutine, then, after
 // closing and reopening the image, from several at once over neighbouring
 // regions that share clusters. A shadow copy in memory tracks what the
 // image must read. At the end the real qemu-img must find the image clean
@@ -135,22 +135,25 @@ func (w *randomWriter) run(t *testing.T, img formats.Image, r *rand.Rand, start,
 	for range n {
 		off, length := randomRange(r, start, end)
 		var err error
-		switch op := r.IntN(10); {
-		case op < 7:
+		switch op := r.IntN(100); {
+		case op < 68:
 			buf := make([]byte, length)
 			fillRandom(buf, r.Uint64())
 			if _, err = img.WriteAt(buf, off); err == nil {
 				copy(w.shadow[off:], buf)
 			}
-		case op < 9:
+		case op < 86:
 			mayUnmap := r.IntN(2) == 0
 			if err = zeroer.WriteZeroes(off, length, mayUnmap); err == nil {
 				clear(w.shadow[off : off+length])
 			}
-		default:
+		case op < 98:
 			if err = discarder.Discard(off, length); err == nil {
 				err = w.afterDiscard(img, off, length)
 			}
+		default:
+			// Flushes race with the other workers' writes.
+			err = img.Flush()
 		}
 		if err != nil {
 			t.Errorf("operation at %d+%d: %v", off, length, err)

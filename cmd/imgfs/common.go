@@ -77,13 +77,18 @@ func operands(c *cli.Context, n int, msg string) ([]string, error) {
 // with an optional k/M/G/T/P/E suffix, at most INT64_MAX. name is how
 // the message calls the option ("start offset").
 func sizeArg(name, value string) (int64, error) {
+	return sizeArgIn(name, value, 0, math.MaxInt64)
+}
+
+// sizeArgIn is qemu-img's cvtnum_full: sizeArg with the bounds lo..hi.
+func sizeArgIn(name, value string, lo, hi int64) (int64, error) {
 	n, err := formats.ParseSize(value)
 	if err != nil && !errors.Is(err, formats.ErrSizeRange) {
 		return 0, fmt.Errorf("Invalid %s specified. You may use k, M, G, T, P or E suffixes for\n"+
 			"%s: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.", name, prog)
 	}
-	if err != nil || n > math.MaxInt64 {
-		return 0, fmt.Errorf("Invalid %s specified. Must be between 0 and %d.", name, int64(math.MaxInt64))
+	if err != nil || n > uint64(hi) || int64(n) < lo {
+		return 0, fmt.Errorf("Invalid %s specified. Must be between %d and %d.", name, lo, hi)
 	}
 	return int64(n), nil
 }

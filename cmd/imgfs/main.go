@@ -24,6 +24,13 @@ import (
 // commands is filled by init functions of the command files.
 var commands []*cli.Command
 
+// lastOperand names the commands whose last argument is an operand
+// taken off the command line before options are parsed, as img_resize
+// does with the size so that "-1G" is not read as an option. They need
+// at least two arguments. permute ends options with "--", so the
+// operand goes after the others.
+var lastOperand = map[string]bool{}
+
 // prog is the name error messages start with: the name we were invoked
 // by, so that a symlink named qemu-img prints "qemu-img: ...".
 var prog = "imgfs"
@@ -45,6 +52,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		prog = filepath.Base(args[0])
 	}
 	app := newApp(stdout, stderr)
+	// mount(8) and mount.fuse3 run imgfs as a mount helper (mount.go).
+	args, err := mountHelperArgs(args, func(name string) bool { return app.Command(name) != nil })
+	if err != nil {
+		return exitCode(err, stderr)
+	}
 	if len(args) < 2 {
 		fmt.Fprintf(stderr, "%s: Not enough arguments\nTry '%s --help' for more information\n", prog, prog)
 		return 1
@@ -65,7 +77,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "%s: Command not found: %s\nTry '%s --help' for more information\n", prog, args[1], prog)
 		return 1
 	}
-	norm, err := permute(cmd, args[2:])
+	rest, last := args[2:], []string(nil)
+	if lastOperand[cmd.Name] {
+		if len(rest) < 2 {
+			fmt.Fprintf(stderr, "%s: Not enough arguments\nTry '%s --help' for more information\n", prog, prog)
+			return 1
+		}
+		rest, last = rest[:len(rest)-1], rest[len(rest)-1:]
+	}
+	norm, err := permute(cmd, rest)
 	if errors.Is(err, errHelp) {
 		fmt.Fprint(stdout, programHelp())
 		return 0
@@ -74,7 +94,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "%s: %v\nTry '%s --help' for more information\n", prog, err, prog)
 		return 1
 	}
-	err = app.Run(append([]string{args[0], args[1]}, norm...))
+	err = app.Run(append(append([]string{args[0], args[1]}, norm...), last...))
 	return exitCode(err, stderr)
 }
 

@@ -60,6 +60,7 @@ func (p *progressBar) print(delta float32, max int) {
 	if max != 0 {
 		cur = float32(p.cur + float32(delta/100)*float32(max))
 	}
+	cur = min(cur, 100) // qemu_progress_print caps the sum
 	p.cur = cur
 	if cur > float32(p.shown+p.minSkip) || cur < float32(p.shown-p.minSkip) || cur == 0 || cur == 100 {
 		p.shown = cur

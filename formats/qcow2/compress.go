@@ -137,9 +137,11 @@ func (img *Image) readCompressed(e L2Entry, guest int64) ([]byte, error) {
 // at guest offset off. Host space is allocated byte by byte, packing
 // compressed clusters one after another as qcow2_alloc_bytes does; each
 // host cluster's refcount counts the compressed clusters touching it.
+//
+// It holds freeMu exclusively because the cluster's old storage is freed.
 func (img *Image) WriteCompressed(off int64, compressed []byte) error {
-	img.freeMu.RLock()
-	defer img.freeMu.RUnlock()
+	img.freeMu.Lock()
+	defer img.freeMu.Unlock()
 	cs := img.lay.ClusterSize
 	if off&(cs-1) != 0 {
 		return fmt.Errorf("%s: compressed write at unaligned offset %d", img.file.Name(), off)

@@ -3,8 +3,8 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
-	"os"
 	"math/bits"
+	"os"
 	"strings"
 
 	"github.com/imgfs/imgfs/formats"
@@ -91,8 +91,8 @@ func parseCreateOptions(o *formats.Options) (*createParams, error) {
 	if !ok {
 		return nil, bad("Image creation needs a size parameter")
 	}
-	if size > 1<<62 {
-		return nil, bad("Image size too large: %d", size)
+	if size > 1<<63-512 {
+		return nil, bad("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
 	}
 	p.size = int64(size+511) &^ 511
 	cs, _ := o.Uint("cluster_size")

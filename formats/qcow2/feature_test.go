@@ -23,7 +23,7 @@ func compareRaw(t *testing.T, name string, want []byte) {
 	if err := os.WriteFile(raw, want, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", name, raw).CombinedOutput(); err != nil {
+	if out, err := exec.Command("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", name, raw).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img compare: %v\n%s", err, out)
 	}
 }
@@ -32,11 +32,12 @@ func compareRaw(t *testing.T, name string, want []byte) {
 // them, overwrites some, and checks the result with qemu-img.
 func TestCompressedWrite(t *testing.T) {
 	haveQemu(t)
-	for _, opts := range []string{"", "compression_type=zstd", "cluster_size=512", "cluster_size=4k,refcount_bits=2", "extended_l2=on"} {
+	for _, opts := range []string{"size=1000k", "compression_type=zstd,size=1000k", "cluster_size=512,size=200k",
+		"cluster_size=4k,refcount_bits=2,size=500k", "extended_l2=on,size=1M"} {
 		t.Run(strings.ReplaceAll(opts, ",", "+"), func(t *testing.T) {
 			t.Parallel()
 			name := filepath.Join(t.TempDir(), "c.qcow2")
-			if err := createOpts(t, name, strings.Trim(opts+",size=3000k", ",")); err != nil {
+			if err := createOpts(t, name, opts); err != nil {
 				t.Fatal(err)
 			}
 			img := openImg(t, name, false)
@@ -490,7 +491,7 @@ func TestLazyRefcounts(t *testing.T) {
 	if data, _ := infoData(t, name); data["lazy-refcounts"] != true {
 		t.Errorf("info: %v", data)
 	}
-	if out, _ := exec.Command("qemu-img", "check", crashed).CombinedOutput(); bytes.Contains(out, []byte("No errors")) {
+	if out, _ := exec.Command("qemu-img", "check", "-U", crashed).CombinedOutput(); bytes.Contains(out, []byte("No errors")) {
 		t.Fatalf("crashed copy should need repair:\n%s", out)
 	}
 	rep := openImg(t, crashed, false)

@@ -567,8 +567,10 @@ func (l *Layout) L2Index(guest int64) int64 {
 
 // L1SizeFor is the number of L1 entries needed for a virtual size.
 func (l *Layout) L1SizeFor(size int64) int64 {
-	cov := l.L1Coverage()
-	return (size + cov - 1) / cov
+	if size <= 0 {
+		return 0
+	}
+	return (size-1)/l.L1Coverage() + 1
 }
 
 // Table entry bits (QCOW_OFLAG_*, L1E/L2E masks).
@@ -586,12 +588,6 @@ const (
 	// reserved too).
 	L2Reserved = 0x3f000000000001fe
 )
-
-// L1Entry decodes an L1 entry: the L2 table's host offset (0 when the L2
-// table is unallocated) and the COPIED flag.
-func L1Entry(e uint64) (l2Offset uint64, copied bool) {
-	return e & OffsetMask, e&OflagCopied != 0
-}
 
 // ClusterType is what an L2 entry (or, with extended L2, one subcluster
 // of it) says about guest data, as QEMU's QCow2SubclusterType.
@@ -615,10 +611,6 @@ const (
 	// Invalid: an impossible combination of bits (extended L2).
 	Invalid
 )
-
-var clusterTypeNames = [...]string{"unallocated", "unallocated-alloc", "zero", "zero-alloc", "normal", "compressed", "invalid"}
-
-func (t ClusterType) String() string { return clusterTypeNames[t] }
 
 // L2Entry is a decoded L2 entry. With standard L2 tables Bitmap is 0.
 type L2Entry struct {

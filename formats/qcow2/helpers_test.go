@@ -11,7 +11,10 @@ import (
 )
 
 // Test helpers shared by the differential tests. They run the real
-// qemu-img and qemu-io (tests only; product code never does).
+// qemu-img and qemu-io (tests only; product code never does). Read-only
+// qemu-img calls pass -U: images are closed by then, but with parallel
+// subtests a forked child of another test can briefly keep a closed
+// file's OFD locks alive.
 
 func haveQemu(t testing.TB) {
 	t.Helper()
@@ -76,7 +79,7 @@ func readAll(t testing.TB, img formats.Image) []byte {
 func rawOf(t testing.TB, name string) []byte {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "raw")
-	execOut(t, "qemu-img", "convert", "-O", "raw", name, out)
+	execOut(t, "qemu-img", "convert", "-U", "-O", "raw", name, out)
 	b, err := os.ReadFile(out)
 	if err != nil {
 		t.Fatal(err)
@@ -87,7 +90,7 @@ func rawOf(t testing.TB, name string) []byte {
 // mustBeClean fails the test unless qemu-img check finds the image clean.
 func mustBeClean(t testing.TB, name string) {
 	t.Helper()
-	out, err := exec.Command("qemu-img", "check", "-f", "qcow2", name).CombinedOutput()
+	out, err := exec.Command("qemu-img", "check", "-U", "-f", "qcow2", name).CombinedOutput()
 	if err != nil || !bytes.Contains(out, []byte("No errors were found on the image.")) {
 		t.Fatalf("qemu-img check %s: %v\n%s", name, err, out)
 	}

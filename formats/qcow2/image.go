@@ -190,7 +190,7 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 		return nil, err
 	}
 	readOnly := o.ReadOnly || f.ReadOnly()
-	if h.IncompatibleFeatures&IncompatCorrupt != 0 && !readOnly {
+	if h.IncompatibleFeatures&IncompatCorrupt != 0 && !readOnly && !o.Check {
 		return nil, errorf(formats.ErrCorrupt, "qcow2: Image is corrupt; cannot be opened read/write")
 	}
 	if h.RefcountOrder > 6 {

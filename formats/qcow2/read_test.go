@@ -156,7 +156,7 @@ func TestReadMatchesQemu(t *testing.T) {
 				}
 			}
 			if !c.noMap {
-				wantMap := execOut(t, "qemu-img", "map", "--output=json", name)
+				wantMap := execOut(t, "qemu-img", "map", "-U", "--output=json", name)
 				if gotMap := mapJSON(t, img); gotMap != wantMap {
 					t.Errorf("map differs:\ngot:\n%s\nwant:\n%s", gotMap, wantMap)
 				}

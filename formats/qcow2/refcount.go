@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"github.com/imgfs/imgfs/formats"
@@ -40,14 +41,7 @@ func (img *Image) refblockAt(i int64) (*cachedTable, error) {
 	if img.reftable[i]&uint64(img.lay.ClusterSize-1) != 0 {
 		return nil, img.corruptf("Refblock offset %#x unaligned (reftable index: %#x)", img.reftable[i], i)
 	}
-	if t := img.rbCache.get(off); t != nil {
-		return t, nil
-	}
-	buf, err := img.readCluster(off)
-	if err != nil {
-		return nil, err
-	}
-	return img.rbCache.add(off, buf, false)
+	return img.refblockFor(off)
 }
 
 // Refcount returns the reference count of host cluster c (a cluster
@@ -178,35 +172,34 @@ func (img *Image) allocClusters(n int64) (uint64, error) {
 // QEMU's alloc_refcount_block: a block that falls into its own range
 // describes itself, otherwise its refcount goes into the block covering
 // it (created first when missing). The block and its own refcount reach
-// the disk before the refcount table entry that points to it. A block
-// beyond the refcount table grows the table instead; the caller searches
-// again.
+// the disk before the refcount table entry that points to it. When rt
+// lies beyond the refcount table, the table is moved to a bigger one
+// placed in the refcount range after the blocks in use, as QEMU does;
+// the caller searches again either way.
 func (img *Image) allocRefblock(rt int64) error {
-	if rt >= int64(len(img.reftable)) {
-		return img.growReftable(rt + 1)
-	}
+	lay := &img.lay
 	c, err := img.findFree(img.freeHint, 1)
 	if err != nil {
 		return err
 	}
 	img.freeHint = c + 1
-	off := uint64(c) << img.lay.ClusterBits
-	if err := img.checkOverlap(off, uint64(img.lay.ClusterSize)); err != nil {
+	off := uint64(c) << lay.ClusterBits
+	if err := img.checkOverlap(off, uint64(lay.ClusterSize)); err != nil {
 		return err
 	}
-	block := make([]byte, img.lay.ClusterSize)
-	if c>>img.lay.RefblockBits == rt {
-		SetRefcount(block, c&(img.lay.RefblockEntries-1), img.lay.RefcountOrder, 1)
+	block := make([]byte, lay.ClusterSize)
+	if c>>lay.RefblockBits == rt {
+		SetRefcount(block, c&(lay.RefblockEntries-1), lay.RefcountOrder, 1)
 	} else {
 		for {
-			b, err := img.refblockAt(c >> img.lay.RefblockBits)
+			b, err := img.refblockAt(c >> lay.RefblockBits)
 			if err != nil {
 				return err
 			}
 			if b != nil {
 				break
 			}
-			if err := img.allocRefblock(c >> img.lay.RefblockBits); err != nil {
+			if err := img.allocRefblock(c >> lay.RefblockBits); err != nil {
 				return err
 			}
 		}
@@ -216,7 +209,7 @@ func (img *Image) allocRefblock(rt int64) error {
 		if err := img.flushRefcounts(); err != nil {
 			return err
 		}
-		if img.reftable[rt] != 0 {
+		if rt < int64(len(img.reftable)) && img.reftable[rt] != 0 {
 			// A nested allocation grew the table and created block rt
 			// on the way; give back the cluster taken for it.
 			return img.updateRefcounts(c, 1, -1)
@@ -225,130 +218,141 @@ func (img *Image) allocRefblock(rt int64) error {
 	if err := img.writeSync(block, off); err != nil {
 		return err
 	}
-	var e [8]byte
-	binary.BigEndian.PutUint64(e[:], off)
-	if err := img.writeSync(e[:], img.hdr.RefcountTableOffset+uint64(rt)*8); err != nil {
+	if _, err := img.rbCache.add(off, block, false); err != nil {
 		return err
 	}
-	img.reftable[rt] = off
-	_, err = img.rbCache.add(off, block, false)
+	if rt < int64(len(img.reftable)) {
+		var e [8]byte
+		binary.BigEndian.PutUint64(e[:], off)
+		if err := img.writeSync(e[:], img.hdr.RefcountTableOffset+uint64(rt)*8); err != nil {
+			return err
+		}
+		img.reftable[rt] = off
+		return nil
+	}
+	blocksUsed := max(rt, c>>lay.RefblockBits) + 1
+	_, err = img.refcountArea(blocksUsed<<lay.RefblockBits, 0, false, rt, off)
 	return err
 }
 
-// growReftable moves the refcount table to a bigger area of at least
-// minEntries entries after the end of the image.
-func (img *Image) growReftable(minEntries int64) error {
-	size, err := img.file.Size()
-	if err != nil {
-		return err
+// refcountMetadata is qcow2_refcount_metadata_size: the number of
+// refcount blocks and table clusters needed to count clusters host
+// clusters and themselves. generous adds room for the table to grow by
+// half.
+func (l *Layout) refcountMetadata(clusters int64, generous bool) (blocks, table int64) {
+	perTable := l.ClusterSize / 8
+	var n, last int64
+	for {
+		last = n
+		blocks = (clusters + table + blocks + l.RefblockEntries - 1) / l.RefblockEntries
+		table = (blocks + perTable - 1) / perTable
+		n = clusters + blocks + table
+		if n == last && generous {
+			clusters += (table + 1) / 2
+			n = 0
+			generous = false
+		}
+		if n == last {
+			return blocks, table
+		}
 	}
-	from := max(img.freeHint, (size+img.lay.ClusterSize-1)>>img.lay.ClusterBits)
-	// Grow generously so that a growing image moves the table rarely.
-	old := int64(len(img.reftable))
-	_, err = img.relocateReftable(from, max(minEntries, old+old/2), 0)
-	return err
 }
 
-// relocateReftable writes a new refcount table of at least minEntries
-// entries into the first free area at or after cluster from, preceded by
-// the new refcount blocks needed to describe that area and extra more
-// clusters after it (as QEMU's qcow2_refcount_area), switches the header
-// to it and frees the old table. It returns the cluster index just past
-// the area.
-func (img *Image) relocateReftable(from, minEntries, extra int64) (int64, error) {
+// refcountArea is qcow2_refcount_area: starting at cluster start, where
+// only free space follows, it writes new refcount blocks and a new,
+// larger refcount table that cover themselves and additional more
+// clusters after them, switches the header to the new table and frees
+// the old one. Unless exact, the table gets 50% spare entries. A
+// non-zero newOff is entered as block newIdx. It returns the cluster
+// index just past the new structures.
+func (img *Image) refcountArea(start, additional int64, exact bool, newIdx int64, newOff uint64) (int64, error) {
 	lay := &img.lay
+	total, _ := lay.refcountMetadata(start+additional, !exact)
 	perCluster := lay.ClusterSize / 8
-	old := int64(len(img.reftable))
-	missing := func(rt int64) bool { return rt >= old || img.reftable[rt] == 0 }
-	// Find the area: k new refcount blocks followed by tc table clusters,
-	// covering their own refcounts and the extra clusters. Iterate to
-	// the fixed point.
-	var start, k, tc int64 = -1, 0, 0
-	for iter := 0; ; iter++ {
-		if iter > 64 {
-			return 0, fmt.Errorf("%s: cannot place a new refcount table: %w", img.file.Name(), formats.ErrCorrupt)
-		}
-		s, err := img.findFree(from, max(k+tc, 1))
-		if err != nil {
-			return 0, err
-		}
-		end := s + k + tc + extra
-		entries := max(minEntries, old, ((max(end, s+1)-1)>>lay.RefblockBits)+1)
-		entries = (entries + perCluster - 1) / perCluster * perCluster
-		if entries*8 > maxRefcountTableBytes {
-			return 0, fmt.Errorf("%s: refcount table would exceed %d bytes: %w", img.file.Name(), maxRefcountTableBytes, formats.ErrUnsupported)
-		}
-		tc2 := entries / perCluster
-		var k2 int64
-		for rt := s >> lay.RefblockBits; rt <= (s+k+tc2+extra-1)>>lay.RefblockBits; rt++ {
-			if missing(rt) {
-				k2++
-			}
-		}
-		if s == start && k2 == k && tc2 == tc {
-			break
-		}
-		start, k, tc = s, k2, tc2
+	tableSize := total
+	if !exact {
+		tableSize += (total + 1) / 2
 	}
-	areaOff := uint64(start) << lay.ClusterBits
-	if err := img.checkOverlap(areaOff, uint64(k+tc)<<lay.ClusterBits); err != nil {
+	tableSize = (tableSize + perCluster - 1) / perCluster * perCluster
+	if total*8 > maxRefcountTableBytes || tableSize*8 > maxRefcountTableBytes {
+		return 0, fmt.Errorf("%s: refcount table would exceed %d bytes: %w", img.file.Name(), maxRefcountTableBytes, formats.ErrUnsupported)
+	}
+	tableClusters := tableSize / perCluster
+	table := make([]uint64, tableSize)
+	copy(table, img.reftable)
+	if newOff != 0 {
+		table[newIdx] = newOff
+	}
+	areaIdx := start >> lay.RefblockBits
+	var newBlocks int64
+	for i := areaIdx; i < total; i++ {
+		if table[i] == 0 {
+			newBlocks++
+		}
+	}
+	tableStart := start + newBlocks
+	end := tableStart + tableClusters
+	if err := img.checkOverlap(uint64(start)<<lay.ClusterBits, uint64(end-start)<<lay.ClusterBits); err != nil {
 		return 0, err
 	}
-	table := make([]uint64, tc*perCluster)
-	copy(table, img.reftable)
-	blocks := map[int64][]byte{}
 	next := start
-	for rt := start >> lay.RefblockBits; rt <= (start+k+tc+extra-1)>>lay.RefblockBits; rt++ {
-		if missing(rt) {
-			blocks[rt] = make([]byte, lay.ClusterSize)
-			table[rt] = uint64(next) << lay.ClusterBits
+	for i := areaIdx; i < total; i++ {
+		var b *cachedTable
+		if table[i] != 0 {
+			var err error
+			if b, err = img.refblockFor(table[i]); err != nil {
+				return 0, err
+			}
+		} else {
+			var err error
+			table[i] = uint64(next) << lay.ClusterBits
+			if b, err = img.rbCache.add(table[i], make([]byte, lay.ClusterSize), true); err != nil {
+				return 0, err
+			}
 			next++
 		}
-	}
-	// Refcounts of the area: in the new blocks directly, in existing
-	// blocks through the cache (flushed before the switch).
-	for c := start; c < start+k+tc; c++ {
-		rt := c >> lay.RefblockBits
-		if b, ok := blocks[rt]; ok {
-			SetRefcount(b, c&(lay.RefblockEntries-1), lay.RefcountOrder, 1)
-		} else if err := img.updateRefcounts(c, 1, 1); err != nil {
-			return 0, err
-		}
-	}
-	for rt, b := range blocks {
-		if _, err := img.file.WriteAt(b, int64(table[rt])); err != nil {
-			return 0, err
+		first := i << lay.RefblockBits
+		for c := max(first, start); c < min(end, first+lay.RefblockEntries); c++ {
+			SetRefcount(b.data, c-first, lay.RefcountOrder, 1)
+			b.dirty = true
 		}
 	}
 	if err := img.flushRefcounts(); err != nil {
 		return 0, err
 	}
-	buf := make([]byte, len(table)*8)
+	buf := make([]byte, tableSize*8)
 	for i, e := range table {
 		binary.BigEndian.PutUint64(buf[8*i:], e)
 	}
-	tableOff := uint64(start+k) << lay.ClusterBits
+	tableOff := uint64(tableStart) << lay.ClusterBits
 	if err := img.writeSync(buf, tableOff); err != nil {
 		return 0, err
 	}
 	var hdr [12]byte
 	binary.BigEndian.PutUint64(hdr[0:], tableOff)
-	binary.BigEndian.PutUint32(hdr[8:], uint32(tc))
+	binary.BigEndian.PutUint32(hdr[8:], uint32(tableClusters))
 	if err := img.writeSync(hdr[:], 48); err != nil {
 		return 0, err
 	}
 	oldOff, oldClusters := img.hdr.RefcountTableOffset, int64(img.hdr.RefcountTableClusters)
-	img.hdr.RefcountTableOffset, img.hdr.RefcountTableClusters = tableOff, uint32(tc)
+	img.hdr.RefcountTableOffset, img.hdr.RefcountTableClusters = tableOff, uint32(tableClusters)
 	img.reftable = table
-	for rt, b := range blocks {
-		if _, err := img.rbCache.add(table[rt], b, false); err != nil {
-			return 0, err
-		}
-	}
 	if err := img.updateRefcounts(int64(oldOff>>lay.ClusterBits), oldClusters, -1); err != nil {
 		return 0, err
 	}
-	return start + k + tc, nil
+	return end, nil
+}
+
+// refblockFor returns the cached refcount block at host offset off.
+func (img *Image) refblockFor(off uint64) (*cachedTable, error) {
+	if t := img.rbCache.get(off); t != nil {
+		return t, nil
+	}
+	buf, err := img.readCluster(off)
+	if err != nil {
+		return nil, err
+	}
+	return img.rbCache.add(off, buf, false)
 }
 
 // writeSync writes metadata and makes it durable before anything that
@@ -503,6 +507,21 @@ func (img *Image) setDirtyBit(dirty bool) error {
 // further writes, then returns QEMU's message for the event.
 func (img *Image) markCorrupt(format string, args ...any) error {
 	msg := fmt.Sprintf(format, args...)
+	img.setCorruptBit(msg)
+	return fmt.Errorf("%s: Marking image as corrupt: %s: %w", img.file.Name(), msg, formats.ErrCorrupt)
+}
+
+// corruptOnWrite marks the image corrupt when a write ran into corrupt
+// metadata (QEMU's qcow2_signal_corruption on the write path) and
+// returns err.
+func (img *Image) corruptOnWrite(err error) error {
+	if errors.Is(err, formats.ErrCorrupt) && !img.readOnly {
+		img.setCorruptBit(err.Error())
+	}
+	return err
+}
+
+func (img *Image) setCorruptBit(msg string) {
 	if !img.readOnly && img.hdr.Version >= 3 {
 		f := img.hdr.IncompatibleFeatures | IncompatCorrupt
 		var b [8]byte
@@ -511,9 +530,10 @@ func (img *Image) markCorrupt(format string, args ...any) error {
 			img.hdr.IncompatibleFeatures = f
 		}
 	}
+	if !img.readOnly {
+		img.warnf("qcow2: Marking image as corrupt: %s; further corruption events will be suppressed", msg)
+	}
 	img.readOnly = true
-	img.warnf("qcow2: Marking image as corrupt: %s; further corruption events will be suppressed", msg)
-	return fmt.Errorf("%s: Marking image as corrupt: %s: %w", img.file.Name(), msg, formats.ErrCorrupt)
 }
 
 // checkOverlap refuses to hand out host clusters that hold metadata

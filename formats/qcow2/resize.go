@@ -135,23 +135,8 @@ func (img *Image) shrink(size, newL1 int64) error {
 	}
 	lay := &img.lay
 	cs := lay.ClusterSize
-	for pos := (size + cs - 1) &^ (cs - 1); pos < img.size; pos += cs {
-		// Like QEMU's discard, this allocates missing L2 tables; those
-		// past the new end are freed again below.
-		t, err := img.writableL2(lay.L1Index(pos))
-		if err != nil {
-			return err
-		}
-		i := lay.L2Index(pos)
-		old := lay.ReadL2Entry(t.data, i)
-		if old == (L2Entry{}) {
-			continue
-		}
-		lay.WriteL2Entry(t.data, i, L2Entry{})
-		t.dirty = true
-		if err := img.freeEntry(old, true); err != nil {
-			return err
-		}
+	if err := img.fullDiscard((size+cs-1)&^(cs-1), img.size, true); err != nil {
+		return err
 	}
 	if err := img.flushL2(); err != nil {
 		return err
@@ -176,6 +161,43 @@ func (img *Image) shrink(size, newL1 int64) error {
 		return err
 	}
 	return img.truncateTail()
+}
+
+// fullDiscard drops every cluster in [start, end) (cluster aligned) so
+// that it is unallocated, reading from the backing file again
+// (qcow2_cluster_discard with full_discard). With allocTables it
+// allocates missing L2 tables on the way as QEMU's discard does (for an
+// identical layout); otherwise it skips them. img.mu is held.
+func (img *Image) fullDiscard(start, end int64, allocTables bool) error {
+	lay := &img.lay
+	for pos := start; pos < end; pos += lay.ClusterSize {
+		l1i := lay.L1Index(pos)
+		if !allocTables {
+			l2off, err := img.l2Offset(l1i)
+			if err != nil {
+				return err
+			}
+			if l2off == 0 {
+				pos = (l1i+1)*lay.L1Coverage() - lay.ClusterSize
+				continue
+			}
+		}
+		t, err := img.writableL2(l1i)
+		if err != nil {
+			return err
+		}
+		i := lay.L2Index(pos)
+		old := lay.ReadL2Entry(t.data, i)
+		if old == (L2Entry{}) {
+			continue
+		}
+		lay.WriteL2Entry(t.data, i, L2Entry{})
+		t.dirty = true
+		if err := img.freeEntry(old, true); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // truncateTail cuts the file after the last cluster in use.
@@ -294,7 +316,7 @@ func (img *Image) preallocateData(from, to int64, mode string) error {
 		// The partial cluster at the old end keeps its storage.
 		first += cs
 	}
-	n := ((to + cs - 1) &^ (cs - 1) - first) / cs
+	n := ((to+cs-1)&^(cs-1) - first) / cs
 	if n <= 0 {
 		return nil
 	}
@@ -313,8 +335,10 @@ func (img *Image) preallocateData(from, to int64, mode string) error {
 			break
 		}
 	}
+	// As QEMU: the new refcount structures also cover the L2 tables
+	// that may be needed, plus one for an unaligned head or tail.
 	l2Tables := (n+lay.L2Entries-1)/lay.L2Entries + 1
-	dataStart, err := img.relocateReftable(last+1, 0, n+l2Tables)
+	dataStart, err := img.refcountArea(last+1, n+l2Tables, true, 0, 0)
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 package qcow2
 
 import (
+	"errors"
 	"fmt"
 	"io"
 
@@ -94,6 +95,11 @@ func (img *Image) readBacking(p []byte, off int64) error {
 	return nil
 }
 
+// errNeedExclusive: a write step would free host clusters that
+// concurrent readers may still be using; it must run with freeMu held
+// exclusively.
+var errNeedExclusive = errors.New("qcow2: write needs exclusive access")
+
 // WriteAt writes guest bytes, allocating clusters and copying on write
 // as needed. Writes into clusters this image owns alone go straight to
 // the host file outside the metadata lock.
@@ -105,7 +111,14 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	}
 	done := 0
 	for done < len(p) {
-		n, err := img.writeStep(p[done:], off+int64(done))
+		n, err := img.writeStep(p[done:], off+int64(done), false)
+		if err == errNeedExclusive {
+			img.freeMu.RUnlock()
+			img.freeMu.Lock()
+			n, err = img.writeStep(p[done:], off+int64(done), true)
+			img.freeMu.Unlock()
+			img.freeMu.RLock()
+		}
 		if err != nil {
 			return done, err
 		}
@@ -128,10 +141,13 @@ func (img *Image) checkWrite(off, n int64) error {
 }
 
 // writeStep writes a prefix of p at off and returns its length.
-func (img *Image) writeStep(p []byte, off int64) (int64, error) {
+// exclusive says freeMu is held exclusively, which copy on write of
+// clusters with host storage needs (errNeedExclusive otherwise).
+func (img *Image) writeStep(p []byte, off int64, exclusive bool) (int64, error) {
 	img.mu.Lock()
 	m, err := img.lookup(off, int64(len(p)))
 	if err != nil {
+		err = img.corruptOnWrite(err)
 		img.mu.Unlock()
 		return 0, err
 	}
@@ -143,7 +159,8 @@ func (img *Image) writeStep(p []byte, off int64) (int64, error) {
 		return m.length, nil
 	}
 	defer img.mu.Unlock()
-	return img.writeAlloc(p, off)
+	n, err := img.writeAlloc(p, off, exclusive)
+	return n, img.corruptOnWrite(err)
 }
 
 // clusterWrite is the plan for one cluster of an allocating write.
@@ -160,7 +177,7 @@ type clusterWrite struct {
 // allocation, copy on write or L2 changes (zero or partially allocated
 // clusters). It handles the first cluster and then every following one
 // that needs a new host cluster, within one L2 table. img.mu is held.
-func (img *Image) writeAlloc(p []byte, off int64) (int64, error) {
+func (img *Image) writeAlloc(p []byte, off int64, exclusive bool) (int64, error) {
 	lay := &img.lay
 	cs := lay.ClusterSize
 	if err := img.beforeMetadataWrite(); err != nil {
@@ -184,6 +201,11 @@ func (img *Image) writeAlloc(p []byte, off int64) (int64, error) {
 		}
 		if ct == Compressed && lay.HasDataFile {
 			return 0, img.markCorrupt("Compressed cluster entry found in image with external data file (L2 index: %#x)", lay.L2Index(pos))
+		}
+		if !w.reuse && !exclusive && (ct == Compressed || ct == Normal || ct == ZeroAlloc) {
+			// The old host storage is freed below and could be handed
+			// out again while a reader still uses it.
+			return 0, errNeedExclusive
 		}
 		switch {
 		case w.reuse:

@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"bytes"
+	"fmt"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -32,13 +33,14 @@ func writeCases() []writeCase {
 		{name: "v2", opts: "compat=0.10", size: 8 << 20, ours: true},
 		{name: "512 clusters 1-bit refcounts", opts: "cluster_size=512,refcount_bits=1", size: 4 << 20, ours: true},
 		{name: "512 clusters 64-bit refcounts", opts: "cluster_size=512,refcount_bits=64", size: 4 << 20, ours: true},
-		{name: "2M clusters", opts: "cluster_size=2M", size: 16 << 20, ours: true},
+		{name: "2M clusters", opts: "cluster_size=2M", size: 6 << 20, ours: true},
 		{name: "extended l2", opts: "extended_l2=on,cluster_size=32k", size: 8 << 20, ours: true},
 		{name: "extended l2 backing", opts: "extended_l2=on", size: 8 << 20, ours: true, backing: "write -P 0xaa 0 6M"},
 		{name: "backing", size: 8 << 20, ours: true, backing: "write -P 0xaa 0 5M;write -z 1M 1M"},
 		{name: "v2 backing", opts: "compat=0.10", size: 8 << 20, ours: true, backing: "write -P 0xbb 0 6M"},
 		{name: "lazy refcounts", opts: "lazy_refcounts=on", size: 8 << 20, ours: true},
 		{name: "data file", opts: "data_file=DATA", size: 8 << 20, ours: true},
+		{name: "raw data file", opts: "data_file=DATA,data_file_raw=on", size: 8 << 20, ours: true},
 		{name: "zstd compressed", opts: "compression_type=zstd", size: 8 << 20,
 			pre: []string{"write -c -P 0x12 0 1M", "write -c -P 0x34 4M 2M"}},
 		{name: "zlib compressed 4k", opts: "cluster_size=4k", size: 4 << 20,
@@ -180,8 +182,14 @@ func TestRandomWrites(t *testing.T) {
 			if err := os.WriteFile(raw, s.data, 0o644); err != nil {
 				t.Fatal(err)
 			}
-			if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "raw", name, raw).CombinedOutput(); err != nil {
+			if out, err := exec.Command("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", name, raw).CombinedOutput(); err != nil {
 				t.Fatalf("qemu-img compare: %v\n%s", err, out)
+			}
+			if strings.Contains(c.opts, "data_file_raw=on") {
+				// The data file itself must read as the guest content.
+				if got, _ := os.ReadFile(filepath.Join(dir, "data.raw")); !bytes.Equal(got, s.data) {
+					t.Errorf("raw data file differs at %#x", diffOffset(got, s.data))
+				}
 			}
 		})
 	}
@@ -237,6 +245,68 @@ func TestConcurrentWrites(t *testing.T) {
 	}
 	if got := readAll(t, img)[:len(want)]; !bytes.Equal(got, want) {
 		t.Fatalf("content differs at %#x", diffOffset(got, want))
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mustBeClean(t, name)
+}
+
+// TestConcurrentCOW overwrites compressed clusters (copy on write that
+// frees host space) while other goroutines read the same clusters.
+func TestConcurrentCOW(t *testing.T) {
+	haveQemu(t)
+	name := filepath.Join(t.TempDir(), "cow.qcow2")
+	if err := createOpts(t, name, "cluster_size=4k,size=1M"); err != nil {
+		t.Fatal(err)
+	}
+	img := openImg(t, name, false)
+	cs := img.CompressionUnit()
+	n := img.Size() / cs
+	for i := int64(0); i < n; i++ {
+		o, ok := img.Compress(nil, bytes.Repeat([]byte{byte(i)}, int(cs)))
+		if !ok {
+			t.Fatal("did not compress")
+		}
+		if err := img.WriteCompressed(i*cs, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for w := 0; w < 4; w++ {
+		wg.Add(2)
+		go func(w int) {
+			defer wg.Done()
+			for i := int64(w); i < n; i += 4 {
+				if _, err := img.WriteAt([]byte{0xff}, i*cs+100); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}(w)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 3*cs)
+			for i := int64(0); i+3 <= n; i++ {
+				if _, err := img.ReadAt(buf, i*cs); err != nil {
+					errs <- err
+					return
+				}
+				for j, b := range buf {
+					c := i + int64(j)/cs
+					if b != byte(c) && !(int64(j)%cs == 100 && b == 0xff) {
+						errs <- fmt.Errorf("cluster %d byte %d reads %#x", c, int64(j)%cs, b)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
 	}
 	if err := img.Close(); err != nil {
 		t.Fatal(err)

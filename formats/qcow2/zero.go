@@ -1,6 +1,10 @@
 package qcow2
 
-import "github.com/imgfs/imgfs/formats"
+import (
+	"fmt"
+
+	"github.com/imgfs/imgfs/formats"
+)
 
 // zeroChunk bounds the buffer used to write explicit zeroes.
 const zeroChunk = 1 << 20
@@ -11,14 +15,12 @@ const zeroChunk = 1 << 20
 // cluster already reads as zeroes. Version 2 images have no zero flag:
 // with mayUnmap and no backing file whole clusters are deallocated,
 // everything else is written with zeroes.
+//
+// It holds freeMu exclusively: even without mayUnmap, compressed
+// clusters are freed.
 func (img *Image) WriteZeroes(off, length int64, mayUnmap bool) error {
-	if mayUnmap {
-		img.freeMu.Lock()
-		defer img.freeMu.Unlock()
-	} else {
-		img.freeMu.RLock()
-		defer img.freeMu.RUnlock()
-	}
+	img.freeMu.Lock()
+	defer img.freeMu.Unlock()
 	if err := img.checkWrite(off, length); err != nil {
 		return err
 	}
@@ -82,7 +84,8 @@ func (img *Image) WriteZeroes(off, length int64, mayUnmap bool) error {
 	return img.writeZeroBytes(min(end, alignedEnd), end)
 }
 
-// writeZeroBytes writes real zeroes to [off, end).
+// writeZeroBytes writes real zeroes to [off, end). freeMu is held
+// exclusively.
 func (img *Image) writeZeroBytes(off, end int64) error {
 	if off >= end {
 		return nil
@@ -91,7 +94,7 @@ func (img *Image) writeZeroBytes(off, end int64) error {
 	for off < end {
 		n := min(end-off, int64(len(zero)))
 		for done := int64(0); done < n; {
-			w, err := img.writeStep(zero[done:n], off+done)
+			w, err := img.writeStep(zero[done:n], off+done, true)
 			if err != nil {
 				return err
 			}
@@ -148,6 +151,9 @@ func chainReadsZero(img formats.Image, off, n int64) (bool, error) {
 // of a partly covered cluster get their zero bits. img.mu is held.
 func (img *Image) zeroize(start, end int64, unmap bool) error {
 	if err := img.beforeMetadataWrite(); err != nil {
+		return err
+	}
+	if err := img.zeroRawDataFile(start, end); err != nil {
 		return err
 	}
 	lay := &img.lay
@@ -239,6 +245,9 @@ func (img *Image) discardClusters(start, end int64) error {
 	if err := img.beforeMetadataWrite(); err != nil {
 		return err
 	}
+	if err := img.zeroRawDataFile(start, end); err != nil {
+		return err
+	}
 	lay := &img.lay
 	for pos := start; pos < end; pos += lay.ClusterSize {
 		// QEMU allocates missing L2 tables here even when nothing
@@ -269,6 +278,19 @@ func (img *Image) discardClusters(start, end int64) error {
 		if err := img.freeEntry(old, true); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// zeroRawDataFile keeps a raw external data file a valid raw image:
+// ranges that become zero in the L2 tables are zeroed there too, as
+// QEMU does for data_file_raw.
+func (img *Image) zeroRawDataFile(start, end int64) error {
+	if img.hdr.AutoclearFeatures&AutoclearDataFileRaw == 0 || start >= end {
+		return nil
+	}
+	if err := img.data.PunchHole(start, end-start); err != nil {
+		return fmt.Errorf("%s: zeroing %d bytes at %#x: %w", img.data.Name(), end-start, start, err)
 	}
 	return nil
 }

@@ -23,10 +23,11 @@ const sectorSize = 512
 
 func init() {
 	formats.Register(&formats.Driver{
-		Name:   "raw",
-		Probe:  probe,
-		Open:   open,
-		Create: create,
+		Name:    "raw",
+		Probe:   probe,
+		Open:    open,
+		Create:  create,
+		Measure: measure,
 		// raw's own table has only the size; the file protocol's options
 		// follow (formats.ProtocolOptions).
 		CreateOptions: []formats.OptionSpec{

@@ -1,0 +1,280 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"io"
+	"syscall"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"github.com/imgfs/imgfs/formats"
+)
+
+// diskNode is the `disk` file: the image's guest-visible bytes, its size
+// the virtual size. Reads go through the kernel's page cache.
+type diskNode struct {
+	gofs.Inode
+	dir *imageDir
+}
+
+var (
+	_ gofs.NodeGetattrer = (*diskNode)(nil)
+	_ gofs.NodeSetattrer = (*diskNode)(nil)
+	_ gofs.NodeOpener    = (*diskNode)(nil)
+)
+
+// diskHandle is one open of disk; it holds a reference to the shared
+// image for as long as it is open.
+type diskHandle struct {
+	dir      *imageDir
+	img      formats.Image
+	writable bool
+}
+
+var (
+	_ gofs.FileReader    = (*diskHandle)(nil)
+	_ gofs.FileWriter    = (*diskHandle)(nil)
+	_ gofs.FileFsyncer   = (*diskHandle)(nil)
+	_ gofs.FileReleaser  = (*diskHandle)(nil)
+	_ gofs.FileAllocater = (*diskHandle)(nil)
+	_ gofs.FileLseeker   = (*diskHandle)(nil)
+)
+
+func (n *diskNode) Getattr(ctx context.Context, fh gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	d := n.dir
+	key, err := statFile(d.path)
+	if err != nil {
+		key = d.key
+	}
+	var size int64
+	if err := d.use(peekOptions, func(img formats.Image) error { size = img.Size(); return nil }); err != nil {
+		// A damaged image still lists; its info says why.
+		size = 0
+	}
+	n.fillAttr(key, size, &out.Attr)
+	out.SetTimeout(entryTimeout)
+	return 0
+}
+
+func (n *diskNode) fillAttr(key fileKey, size int64, a *fuse.Attr) {
+	a.Mode = syscall.S_IFREG | 0o444
+	if n.dir.mayWrite(key) {
+		a.Mode |= 0o200
+	}
+	a.Size = uint64(size)
+	setHostAttr(a, key)
+}
+
+// Open ignores O_TRUNC, as a block device does: `cp img.raw disk` and a
+// shell's `> disk` overwrite the guest bytes instead of first resizing
+// the image to nothing. truncate(2) and ftruncate(2) do resize.
+func (n *diskNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	img, writable, keep, err := n.dir.acquire()
+	if err != nil {
+		return nil, 0, Errno(err)
+	}
+	if flags&syscall.O_ACCMODE != syscall.O_RDONLY && !writable {
+		n.dir.release()
+		return nil, 0, syscall.EROFS
+	}
+	var fuseFlags uint32
+	if keep {
+		fuseFlags = fuse.FOPEN_KEEP_CACHE
+	}
+	return &diskHandle{dir: n.dir, img: img, writable: writable}, fuseFlags, 0
+}
+
+// Setattr implements truncate(2) as an image resize; a shrink is what
+// truncating to a smaller size means. Times are accepted and ignored
+// (the host file's are shown); owner and mode cannot change.
+func (n *diskNode) Setattr(ctx context.Context, fh gofs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	if _, ok := in.GetMode(); ok {
+		return syscall.EPERM
+	}
+	if _, ok := in.GetUID(); ok {
+		return syscall.EPERM
+	}
+	if _, ok := in.GetGID(); ok {
+		return syscall.EPERM
+	}
+	d := n.dir
+	size, resize := in.GetSize()
+	img, writable, _, err := d.acquire()
+	if err != nil {
+		return Errno(err)
+	}
+	defer d.release()
+	if resize && uint64(img.Size()) != size {
+		if !writable {
+			return syscall.EROFS
+		}
+		r, ok := img.(formats.Resizer)
+		if !ok {
+			return syscall.EOPNOTSUPP
+		}
+		if size > 1<<62 {
+			return syscall.EFBIG
+		}
+		err := r.Resize(int64(size), "", true)
+		d.changed()
+		if err != nil {
+			return Errno(err)
+		}
+	}
+	key, err := statFile(d.path)
+	if err != nil {
+		key = d.key
+	}
+	n.fillAttr(key, img.Size(), &out.Attr)
+	return 0
+}
+
+func (h *diskHandle) Release(ctx context.Context) syscall.Errno {
+	h.dir.release()
+	return 0
+}
+
+func (h *diskHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	size := h.img.Size()
+	if off >= size || off < 0 {
+		return fuse.ReadResultData(nil), 0
+	}
+	buf := dest[:min(int64(len(dest)), size-off)]
+	n, err := h.img.ReadAt(buf, off)
+	if err != nil && !(errors.Is(err, io.EOF) && n > 0) {
+		return nil, Errno(err)
+	}
+	return fuse.ReadResultData(buf[:n]), 0
+}
+
+// Write writes guest bytes. Like a block device, disk does not grow by
+// writing past its end (truncate grows it): such writes fail with
+// ENOSPC, and a write across the end is cut short there.
+func (h *diskHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	if !h.writable {
+		return 0, syscall.EROFS
+	}
+	size := h.img.Size()
+	if off >= size {
+		return 0, syscall.ENOSPC
+	}
+	data = data[:min(int64(len(data)), size-off)]
+	n, err := h.img.WriteAt(data, off)
+	h.dir.changed()
+	if err != nil && n == 0 {
+		return 0, Errno(err)
+	}
+	return uint32(n), 0
+}
+
+func (h *diskHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
+	return Errno(h.img.Flush())
+}
+
+// zeroChunk bounds the buffer of the fallback that writes zeroes by hand.
+const zeroChunk = 1 << 20
+
+// Allocate is fallocate(2). PUNCH_HOLE deallocates where the driver can
+// and always leaves zeroes; ZERO_RANGE writes zeroes keeping the space
+// allocated; a plain allocation has nothing to reserve in an image's
+// guest view and only grows disk when asked to.
+func (h *diskHandle) Allocate(ctx context.Context, off, length uint64, mode uint32) syscall.Errno {
+	const supported = unix.FALLOC_FL_KEEP_SIZE | unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_ZERO_RANGE
+	if mode&^supported != 0 || length == 0 || off+length < off || off+length > 1<<62 {
+		if length == 0 {
+			return syscall.EINVAL
+		}
+		return syscall.EOPNOTSUPP
+	}
+	if !h.writable {
+		return syscall.EROFS
+	}
+	start, end := int64(off), int64(off+length)
+	if mode&unix.FALLOC_FL_KEEP_SIZE == 0 && end > h.img.Size() {
+		r, ok := h.img.(formats.Resizer)
+		if !ok {
+			return syscall.EOPNOTSUPP
+		}
+		err := r.Resize(end, "", false)
+		h.dir.changed()
+		if err != nil {
+			return Errno(err)
+		}
+	}
+	end = min(end, h.img.Size())
+	if start >= end || mode&(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_ZERO_RANGE) == 0 {
+		return 0
+	}
+	err := h.zero(start, end, mode&unix.FALLOC_FL_PUNCH_HOLE != 0)
+	h.dir.changed()
+	notifyContent(h.dir.disk, start, end-start)
+	return Errno(err)
+}
+
+// zero makes [start, end) read as zeroes, deallocating when unmap.
+func (h *diskHandle) zero(start, end int64, unmap bool) error {
+	if z, ok := h.img.(formats.Zeroer); ok {
+		return z.WriteZeroes(start, end-start, unmap)
+	}
+	// A discard reads back as zeroes only without a backing image.
+	if dc, ok := h.img.(formats.Discarder); ok && unmap && backingOf(h.img) == nil {
+		return dc.Discard(start, end-start)
+	}
+	buf := make([]byte, min(zeroChunk, end-start))
+	for off := start; off < end; {
+		n := min(int64(len(buf)), end-off)
+		if _, err := h.img.WriteAt(buf[:n], off); err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
+}
+
+func backingOf(img formats.Image) formats.Image {
+	if b, ok := img.(formats.Backed); ok {
+		return b.Backing()
+	}
+	return nil
+}
+
+// statusProbe is how far one block status query may reach.
+const statusProbe = 1 << 30
+
+// Lseek answers SEEK_DATA and SEEK_HOLE from the chain's block status:
+// zeroes (allocated as zero, or unallocated down to the bottom of the
+// chain) are holes, everything else is data. The end of disk is a hole.
+func (h *diskHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
+	size := h.img.Size()
+	if off >= uint64(size) {
+		return 0, syscall.ENXIO
+	}
+	wantData := whence == unix.SEEK_DATA
+	if !wantData && whence != unix.SEEK_HOLE {
+		return 0, syscall.EINVAL
+	}
+	for pos := int64(off); pos < size; {
+		if err := ctx.Err(); err != nil {
+			return 0, syscall.EINTR
+		}
+		ce, err := formats.ChainStatus(h.img, pos, min(statusProbe, size-pos))
+		if err != nil {
+			return 0, Errno(err)
+		}
+		if ce.Length <= 0 {
+			return 0, syscall.EIO // a driver that makes no progress
+		}
+		hole := ce.Status&formats.StatusZero != 0 || ce.Status&formats.StatusData == 0
+		if hole != wantData {
+			return uint64(pos), 0
+		}
+		pos += ce.Length
+	}
+	if wantData {
+		return 0, syscall.ENXIO
+	}
+	return uint64(size), 0
+}

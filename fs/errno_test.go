@@ -1,0 +1,40 @@
+package fs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"testing"
+
+	"github.com/imgfs/imgfs/control"
+	"github.com/imgfs/imgfs/formats"
+)
+
+func TestErrno(t *testing.T) {
+	_, statErr := os.Stat("/nonexistent/imgfs")
+	tests := []struct {
+		name string
+		err  error
+		want syscall.Errno
+	}{
+		{"nil", nil, 0},
+		{"read-only", fmt.Errorf("x: %w", formats.ErrReadOnly), syscall.EROFS},
+		{"locked", &formats.LockError{Perm: formats.PermWrite, Name: "a"}, syscall.EBUSY},
+		{"corrupt", formats.Errorf(formats.ErrCorrupt, "L1 table is too small"), syscall.EIO},
+		{"unsupported", fmt.Errorf("y: %w", formats.ErrUnsupported), syscall.EOPNOTSUPP},
+		{"check unsupported", control.ErrCheckUnsupported, syscall.EOPNOTSUPP},
+		{"invalid option", formats.Errorf(formats.ErrInvalidOption, "The new size must be a multiple of 512"), syscall.EINVAL},
+		{"outside", formats.Errorf(errOutside, "backing file is outside"), syscall.EACCES},
+		{"os error", statErr, syscall.ENOENT},
+		{"wrapped errno", fmt.Errorf("Could not open 'x': %w", formats.ErrnoError{Err: syscall.EACCES}), syscall.EACCES},
+		{"canceled", context.Canceled, syscall.EINTR},
+		{"other", errors.New("something"), syscall.EIO},
+	}
+	for _, tt := range tests {
+		if got := Errno(tt.err); got != tt.want {
+			t.Errorf("%s: Errno(%v) = %v, want %v", tt.name, tt.err, got, tt.want)
+		}
+	}
+}
