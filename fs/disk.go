@@ -55,7 +55,7 @@ func (n *diskNode) Getattr(ctx context.Context, fh gofs.FileHandle, out *fuse.At
 		size = 0
 	}
 	n.fillAttr(key, size, &out.Attr)
-	out.SetTimeout(entryTimeout)
+	out.SetTimeout(diskAttrTimeout)
 	return 0
 }
 

@@ -65,10 +65,11 @@ type Server struct {
 	t *tree
 }
 
-// entryTimeout is how long the kernel may keep the fixed names inside
-// an image directory. Image directories themselves and report sizes get
-// no caching, so SOURCE changes and report changes show at once.
-const entryTimeout = time.Second
+// diskAttrTimeout is how long the kernel may keep disk's attributes: its
+// size changes only through the mount, which answers truncate with the
+// new attributes. Everything else is given no timeout, so images added
+// to SOURCE and changed reports show at once.
+const diskAttrTimeout = time.Second
 
 // Mount mounts SOURCE (o.Source) on mountpoint and serves it in the
 // background; it returns once the kernel has the mount. mo carries the

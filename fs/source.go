@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -121,16 +122,7 @@ func isImageFile(d *formats.Driver, name string, size int64) bool {
 		return true
 	}
 	ext := strings.ToLower(filepath.Ext(name))
-	return size > 0 && size%512 == 0 && contains(rawExtensions, ext)
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
+	return size > 0 && size%512 == 0 && slices.Contains(rawExtensions, ext)
 }
 
 // path is the host path of the image called name.

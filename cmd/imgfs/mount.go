@@ -257,7 +257,9 @@ func daemonize(opts []string, source, mountpoint string) error {
 		extra = append(extra, os.NewFile(uintptr(fd), mountpoint))
 		mountpoint = "/dev/fd/4"
 	}
-	args := []string{os.Args[0], "mount", "-f"}
+	// exe, not os.Args[0]: under a helper name (mount.fuse.imgfs) the
+	// child would parse its arguments as a helper call.
+	args := []string{exe, "mount", "-f"}
 	if o := strings.Join(opts, ","); o != "" {
 		args = append(args, "-o", o)
 	}
