@@ -106,9 +106,6 @@ func Commit(ctx context.Context, o CommitOptions) (err error) {
 		return fmt.Errorf("Could not open '%s': %w", refs[bi].name, err)
 	}
 	defer func() {
-		if !o.Cache.NoFlush && err == nil {
-			err = base.Flush()
-		}
 		if cerr := base.Close(); err == nil {
 			err = cerr
 		}
@@ -126,6 +123,12 @@ func Commit(ctx context.Context, o CommitOptions) (err error) {
 	c := &committer{layers: layers, base: base, o: &o, limit: newRateLimiter(o.RateLimit)}
 	if err := c.run(ctx); err != nil {
 		return err
+	}
+	// The copied data must be durable before the top lets go of it.
+	if !o.Cache.NoFlush {
+		if err := base.Flush(); err != nil {
+			return err
+		}
 	}
 	if o.Drop {
 		return nil

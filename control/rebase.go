@@ -29,8 +29,9 @@ type RebaseOptions struct {
 	// (resolved against the image's directory), with format ("" probes).
 	OpenBacking func(path, format string) (formats.Image, error)
 	// Progress is told, for every range whose old and new backing data
-	// were compared, how many such ranges are done out of qemu-img's
-	// count of 2 MiB pieces of the image (the count can be passed).
+	// were compared, how many such ranges are done and qemu-img's count
+	// of 2 MiB pieces of the image, which done may pass: img_rebase adds
+	// 100/pieces percent per range and caps the sum at 100.
 	Progress Progress
 }
 
@@ -147,6 +148,10 @@ func rebaseData(ctx context.Context, o *RebaseOptions) error {
 		e, err := img.BlockStatus(off, n)
 		if err != nil {
 			return fmt.Errorf("error while reading image metadata: %s", errnoText(err))
+		}
+		if e.Length <= 0 {
+			// A driver bug; stop rather than loop (EIO, as QEMU says).
+			return fmt.Errorf("error while reading image metadata: %s", errnoText(formats.ErrCorrupt))
 		}
 		n = e.Length
 		if e.Status.Allocated() {

@@ -26,10 +26,10 @@ func init() {
 
 // ddOperands are dd's key=value operands.
 type ddOperands struct {
-	in, out        string
-	hasIn, hasOut  bool
-	bs             int64
-	count, skip    int64
+	in, out           string
+	hasIn, hasOut     bool
+	bs                int64
+	count, skip       int64
 	hasCount, hasSkip bool
 }
 

@@ -317,10 +317,14 @@ func (img *Image) openReadWrite(repair bool) error {
 	return nil
 }
 
+// newCaches makes empty metadata caches, no larger than the image can
+// use (as QEMU sizes its L2 cache to cover the image).
 func (img *Image) newCaches() {
 	cs := img.lay.ClusterSize
-	img.l2Cache = newTableCache(max(minCacheEntries, int(l2CacheBytes/cs)), img.writeL2)
-	img.rbCache = newTableCache(max(minCacheEntries, int(refblockCacheBytes/cs)), img.writeRefblock)
+	l2 := min(int(l2CacheBytes/cs), len(img.l1))
+	rb := min(int(refblockCacheBytes/cs), len(img.reftable))
+	img.l2Cache = newTableCache(max(minCacheEntries, l2), img.writeL2)
+	img.rbCache = newTableCache(max(minCacheEntries, rb), img.writeRefblock)
 }
 
 func (img *Image) warnf(format string, args ...any) {

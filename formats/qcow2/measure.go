@@ -144,7 +144,8 @@ func (img *Image) persistentBitmapsSize(cs uint64) (ok bool, size int64) {
 		clusters := divRoundUp(bytes, cs)
 		total += clusters * cs
 		total += roundUpU(clusters*bitmapTableEntrySize, cs)
-		dir += roundUpU(bitmapEntryLen+uint64(len(b.Name))+uint64(len(b.Extra)), 8)
+		// The new image's entries carry no extra data.
+		dir += roundUpU(bitmapEntryLen+uint64(len(b.Name)), 8)
 	}
 	return true, int64(total + roundUpU(dir, cs))
 }
