@@ -1,5 +1,5 @@
 # `make test` runs every check (CI runs it through .ci/run); `make demo`
-# runs imgfs on the sample images in testdata/sample.
+# runs imgfs on the sample images in testdata/sample and mounts them.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -54,6 +54,7 @@ demo: build
 	bin/imgfs convert -c -O qcow2 $(SAMPLE)/disk.qcow2 $(DEMO)/disk-compressed.qcow2
 	bin/imgfs check $(DEMO)/disk-compressed.qcow2
 	bin/imgfs compare $(SAMPLE)/disk.qcow2 $(DEMO)/disk-compressed.qcow2
+	scripts/demo-mount.sh bin/imgfs $(SAMPLE) $(DEMO)
 
 clean:
 	rm -rf bin

@@ -293,7 +293,12 @@ func (c *converter) openTarget() (formats.Image, error) {
 // setup checks the open target and derives the copy parameters.
 func (c *converter) setup() error {
 	o := c.o
-	if o.Compressed {
+	compressed := o.Compressed
+	if co, ok := c.target.(formats.CompressedOnly); ok && co.NeedsCompressedWrites() {
+		// QEMU: s.compressed = s.compressed || bdi.needs_compressed_writes.
+		compressed = true
+	}
+	if compressed {
 		cw, ok := c.target.(formats.CompressedWriter)
 		if !ok {
 			return errors.New("Compression not supported for this file format")
@@ -312,7 +317,7 @@ func (c *converter) setup() error {
 	// a backing file would show through or -S 0 asks for allocation.
 	c.hasZeroInit = o.TargetIsZero || !o.SkipCreate && c.minSparse != 0 && !c.targetHasBacking
 	c.bufSize = copyBufSize
-	if o.Compressed {
+	if compressed {
 		if c.cluster <= 0 || c.cluster > MaxSparseSize || c.cluster%sectorSize != 0 {
 			return errors.New("invalid cluster size")
 		}

@@ -97,6 +97,11 @@ func QueryImageInfo(img formats.Image) (*ImageInfo, error) {
 	if err := unix.Stat(img.Filename(), &st); err == nil {
 		info.ActualSize, info.HasActualSize = st.Blocks*512, true
 	}
+	if a, ok := img.(formats.AllocatedSizer); ok {
+		if n, err := a.AllocatedSize(); err == nil {
+			info.ActualSize, info.HasActualSize = n, true
+		}
+	}
 	if d, ok := img.(formats.Describer); ok {
 		desc, err := d.Describe()
 		if err != nil {

@@ -192,3 +192,19 @@ type BackingChanger interface {
 type Emptier interface {
 	MakeEmpty() error
 }
+
+// AllocatedSizer is implemented by images whose data spans several host
+// files (VMDK extents): AllocatedSize is the host space all of them
+// occupy, what qemu-img info calls "disk size"
+// (bdrv_get_allocated_file_size).
+type AllocatedSizer interface {
+	AllocatedSize() (int64, error)
+}
+
+// CompressedOnly is implemented by images that take guest data only as
+// whole compressed clusters through CompressedWriter (QEMU's
+// needs_compressed_writes, a streamOptimized VMDK): convert writes
+// them as with -c.
+type CompressedOnly interface {
+	NeedsCompressedWrites() bool
+}

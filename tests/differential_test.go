@@ -47,6 +47,8 @@ func TestMatrix(t *testing.T) {
 					differential(t, dir, append(cmd, c.file())...)
 				})
 			}
+			// Mounted before the conversions add files to the directory.
+			t.Run("mount", func(t *testing.T) { checkMount(t, dir, c) })
 			t.Run("convert-raw", func(t *testing.T) { checkConvertRaw(t, dir, c) })
 			// qemu-img's raw conversion is the same content with a
 			// different allocation, which compare -s reports.

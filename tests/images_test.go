@@ -274,6 +274,12 @@ func matrix() []imageCase {
 			overlay("t.qcow2", "base.raw", "raw", ""),
 			qemuIO("qcow2", "t.qcow2", "write -P 0xc1 1k 4k", "write -z 0 64k", "write -P 0xc2 1M 64k"),
 		}},
+		{name: "backing-compressed", chain: true, steps: []step{
+			create("base.qcow2", "4M", ""),
+			qemuIO("qcow2", "base.qcow2", compressedWrites...),
+			overlay("t.qcow2", "base.qcow2", "qcow2", ""),
+			qemuIO("qcow2", "t.qcow2", "write -P 0xb1 1k 2k", "write -P 0xb2 130k 4k", "write -z 1M 4k"),
+		}},
 		{name: "backing-shorter", chain: true, steps: []step{
 			create("base.qcow2", "1M", ""),
 			qemuIO("qcow2", "base.qcow2", "write -P 0xa1 960k 64k"),

@@ -5,4 +5,8 @@ package all
 import (
 	_ "github.com/imgfs/imgfs/formats/qcow2"
 	_ "github.com/imgfs/imgfs/formats/raw"
+	_ "github.com/imgfs/imgfs/formats/vdi"
+	_ "github.com/imgfs/imgfs/formats/vhdx"
+	_ "github.com/imgfs/imgfs/formats/vmdk"
+	_ "github.com/imgfs/imgfs/formats/vpc"
 )

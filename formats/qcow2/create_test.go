@@ -33,7 +33,6 @@ func TestCreateMatchesQemu(t *testing.T) {
 		{opts: "compression_type=zstd", size: "1G"},
 		{opts: "preallocation=metadata,cluster_size=4k", size: "5M"},
 		{opts: "preallocation=metadata,cluster_size=512,refcount_bits=64", size: "2M"},
-		{opts: "preallocation=metadata,cluster_size=512,refcount_bits=32", size: "9M"},
 		{opts: "preallocation=falloc,cluster_size=1k,refcount_bits=64", size: "6M"},
 		{opts: "preallocation=metadata,extended_l2=on", size: "20M"},
 		{opts: "preallocation=falloc", size: "20M"},
@@ -127,20 +126,34 @@ func TestCreateErrors(t *testing.T) {
 	}
 }
 
-// TestWriteLayoutMatchesQemu applies the same writes with qemu-io and
-// with the driver to copies of one image: allocation order, refcount
-// block placement and refcount table growth must give identical files.
+// TestWriteLayoutMatchesQemu applies the same writes, zero writes and
+// discards with qemu-io and with the driver to copies of one image:
+// allocation order, refcount block placement and refcount table growth
+// must give identical files.
 func TestWriteLayoutMatchesQemu(t *testing.T) {
 	haveQemu(t)
+	type op struct {
+		kind     string // "write", "zero", "zero-unmap", "discard"
+		off, len int64
+	}
 	cases := []struct {
-		opts   string
-		writes [][2]int64 // offset, length
+		opts    string
+		ops     []op
+		backing bool     // on top of a backing file full of data
+		pre     []string // qemu-io commands before the copies are made
 	}{
-		{"", [][2]int64{{0, 1 << 20}, {5 << 20, 100000}, {3 << 20, 4096}, {100, 10}}},
-		{"cluster_size=512,refcount_bits=64", [][2]int64{{0, 3 << 20}, {4 << 20, 777}}},
-		{"cluster_size=4k,refcount_bits=1", [][2]int64{{0, 1 << 20}, {9 << 20, 1 << 20}, {2 << 20, 3000}}},
-		{"extended_l2=on", [][2]int64{{4096, 4096}, {1 << 20, 3 << 20}}},
-		{"compat=0.10", [][2]int64{{0, 1 << 20}, {7 << 20, 65536}}},
+		{opts: "compat=0.10", backing: true, ops: []op{{"write", 0, 100}, {"zero", 1 << 20, 1 << 20}, {"discard", 0, 64 << 10}, {"zero-unmap", 3 << 20, 64 << 10}}},
+		{opts: "", backing: true, ops: []op{{"write", 0, 100}, {"zero", 1 << 20, 1 << 20}, {"discard", 0, 128 << 10}, {"zero-unmap", 3 << 20, 64 << 10}, {"write", 5 << 20, 70000}}},
+		{opts: "extended_l2=on", backing: true, ops: []op{{"write", 0, 100}, {"zero", 1 << 20, 8192}, {"discard", 2 << 20, 128 << 10}, {"write", 5 << 20, 70000}}},
+		{opts: "", pre: []string{"write -c -P 9 0 1M", "write -P 8 2M 1M"}, ops: []op{{"write", 100, 100}, {"zero", 64 << 10, 64 << 10}, {"discard", 2 << 20, 64 << 10}, {"write", 512 << 10, 128 << 10}}},
+		{opts: "", ops: []op{{"write", 0, 1 << 20}, {"write", 5 << 20, 100000}, {"write", 3 << 20, 4096}, {"write", 100, 10},
+			{"zero", 64 << 10, 128 << 10}, {"zero-unmap", 512 << 10, 64 << 10}, {"discard", 5 << 20, 1 << 20},
+			{"zero", 8 << 20, 1 << 20}, {"zero", 1000, 3000}, {"write", 9<<20 + 5, 100}}},
+		{opts: "cluster_size=512,refcount_bits=64", ops: []op{{"write", 0, 1536 << 10}, {"write", 4 << 20, 777}, {"discard", 1 << 20, 256 << 10}, {"write", 1 << 20, 4096}}},
+		{opts: "cluster_size=4k,refcount_bits=1", ops: []op{{"write", 0, 1 << 20}, {"write", 9 << 20, 1 << 20}, {"write", 2 << 20, 3000}, {"zero-unmap", 0, 64 << 10}}},
+		{opts: "extended_l2=on", ops: []op{{"write", 4096, 4096}, {"write", 1 << 20, 3 << 20}, {"zero", 2 << 20, 8192}, {"zero", 6 << 20, 2048},
+			{"zero-unmap", 3 << 20, 128 << 10}, {"discard", 1 << 20, 64 << 10}}},
+		{opts: "compat=0.10", ops: []op{{"write", 0, 1 << 20}, {"write", 7 << 20, 65536}, {"zero", 128 << 10, 64 << 10}, {"discard", 0, 64 << 10}}},
 	}
 	for _, c := range cases {
 		t.Run(strings.ReplaceAll(c.opts, ",", "+"), func(t *testing.T) {
@@ -150,13 +163,37 @@ func TestWriteLayoutMatchesQemu(t *testing.T) {
 			if c.opts != "" {
 				args = append(args, "-o", c.opts)
 			}
+			if c.backing {
+				base := filepath.Join(dir, "base.qcow2")
+				execOut(t, "qemu-img", "create", "-q", "-f", "qcow2", base, "10M")
+				qemuIO(t, base, "write -P 0x77 0 10M")
+				args = append(args, "-b", base, "-F", "qcow2")
+			}
 			execOut(t, "qemu-img", append(args, a, "10M")...)
+			if len(c.pre) > 0 {
+				qemuIO(t, a, c.pre...)
+			}
 			execOut(t, "cp", a, b)
 			var cmds []string
 			img := openImg(t, b, false)
-			for i, w := range c.writes {
-				cmds = append(cmds, "write -P "+strconv.Itoa(i+1)+" "+strconv.FormatInt(w[0], 10)+" "+strconv.FormatInt(w[1], 10))
-				if _, err := img.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, int(w[1])), w[0]); err != nil {
+			for i, o := range c.ops {
+				r := " " + strconv.FormatInt(o.off, 10) + " " + strconv.FormatInt(o.len, 10)
+				var err error
+				switch o.kind {
+				case "write":
+					cmds = append(cmds, "write -P "+strconv.Itoa(i+1)+r)
+					_, err = img.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, int(o.len)), o.off)
+				case "zero":
+					cmds = append(cmds, "write -z"+r)
+					err = img.WriteZeroes(o.off, o.len, false)
+				case "zero-unmap":
+					cmds = append(cmds, "write -z -u"+r)
+					err = img.WriteZeroes(o.off, o.len, true)
+				case "discard":
+					cmds = append(cmds, "discard"+r)
+					err = img.Discard(o.off, o.len)
+				}
+				if err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -168,7 +205,9 @@ func TestWriteLayoutMatchesQemu(t *testing.T) {
 			got, _ := os.ReadFile(b)
 			if !bytes.Equal(got, want) {
 				t.Errorf("differs from qemu-io's at %#x (sizes %d, %d)", diffOffset(got, want), len(got), len(want))
+				t.Logf("qemu map:\n%sours:\n%s", execOut(t, "qemu-img", "map", "-U", "--output=json", a), execOut(t, "qemu-img", "map", "-U", "--output=json", b))
 			}
+			mustBeClean(t, b)
 		})
 	}
 }

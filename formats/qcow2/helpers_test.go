@@ -5,7 +5,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/imgfs/imgfs/formats"
 )
@@ -25,14 +27,28 @@ func haveQemu(t testing.TB) {
 	}
 }
 
-// run executes a command and fails the test when it does not succeed.
+// lockRace reports a lock conflict that only a forked child of a
+// parallel subtest can cause: it briefly shares the open file
+// descriptions of files this process already closed, and with them
+// their OFD locks. Retrying after a moment resolves it.
+func lockRace(msg string) bool {
+	return strings.Contains(msg, "Failed to get") && strings.Contains(msg, "lock")
+}
+
+// execOut executes a command and fails the test when it does not
+// succeed.
 func execOut(t testing.TB, name string, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %q: %v\n%s", name, args, err, out)
+	for try := 0; ; try++ {
+		out, err := exec.Command(name, args...).CombinedOutput()
+		if err == nil {
+			return string(out)
+		}
+		if !lockRace(string(out)) || try == 50 {
+			t.Fatalf("%s %q: %v\n%s", name, args, err, out)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	return string(out)
 }
 
 // qemuIO runs qemu-io commands on a qcow2 image.
@@ -58,11 +74,16 @@ func createOpts(t testing.TB, name, opts string) error {
 // openRW opens an image with our driver.
 func openImg(t testing.TB, name string, readOnly bool) *Image {
 	t.Helper()
-	img, err := formats.Open(name, formats.OpenOptions{Format: "qcow2", ReadOnly: readOnly})
-	if err != nil {
-		t.Fatalf("open %s: %v", name, err)
+	for try := 0; ; try++ {
+		img, err := formats.Open(name, formats.OpenOptions{Format: "qcow2", ReadOnly: readOnly})
+		if err == nil {
+			return img.(*Image)
+		}
+		if !lockRace(err.Error()) || try == 50 {
+			t.Fatalf("open %s: %v", name, err)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
-	return img.(*Image)
 }
 
 // readAll reads the whole guest content.

@@ -288,7 +288,12 @@ func (img *Image) writeAlloc(p []byte, off int64, exclusive bool) (int64, error)
 	if err := run.flush(img.data); err != nil {
 		return 0, err
 	}
-	// Then the L2 entries, then the old storage's refcounts.
+	// Then the L2 entries, then the old storage's refcounts. The table
+	// is looked up again in case the reads above pushed it out of the
+	// cache (it was written back then).
+	if t, err = img.writableL2(l1i); err != nil {
+		return 0, err
+	}
 	if newClusters > 0 {
 		if err := img.l2DependsOnRefcounts(); err != nil {
 			return 0, err

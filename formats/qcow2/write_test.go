@@ -65,9 +65,12 @@ func (s *shadow) write(p []byte, off int64) { copy(s.data[off:], p) }
 func (s *shadow) zero(off, n int64) { clear(s.data[off : off+n]) }
 
 // discard mirrors Discard: whole clusters only (the unaligned last
-// cluster when the range reaches the end); v2 images with a backing
-// file show the backing data again, everything else reads as zeroes.
+// cluster when the range reaches the end) read as zeroes; v2 images
+// with a backing file ignore discards.
 func (s *shadow) discard(off, n int64) {
+	if s.v2 && s.backing != nil {
+		return
+	}
 	size := int64(len(s.data))
 	start := (off + s.cluster - 1) / s.cluster * s.cluster
 	end := (off + n) / s.cluster * s.cluster
@@ -75,11 +78,7 @@ func (s *shadow) discard(off, n int64) {
 		end = size
 	}
 	for i := start; i < end; i++ {
-		if s.v2 && s.backing != nil && i < int64(len(s.backing)) {
-			s.data[i] = s.backing[i]
-		} else {
-			s.data[i] = 0
-		}
+		s.data[i] = 0
 	}
 }
 

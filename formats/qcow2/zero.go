@@ -13,8 +13,8 @@ const zeroChunk = 1 << 20
 // mark whole (sub)clusters with the zero flag, deallocating them when
 // mayUnmap; parts of clusters get real zeroes unless the rest of the
 // cluster already reads as zeroes. Version 2 images have no zero flag:
-// with mayUnmap and no backing file whole clusters are deallocated,
-// everything else is written with zeroes.
+// without a backing file whole clusters are deallocated (as QEMU falls
+// back to discard), with one everything is written with zeroes.
 //
 // It holds freeMu exclusively: even without mayUnmap, compressed
 // clusters are freed.
@@ -64,7 +64,7 @@ func (img *Image) WriteZeroes(off, length int64, mayUnmap bool) error {
 	if stop == size {
 		alignedEnd = stop
 	}
-	if alignedStart >= alignedEnd || (!v3 && (!mayUnmap || img.backing != nil)) {
+	if alignedStart >= alignedEnd || (!v3 && img.hdr.BackingFile != "") {
 		return img.writeZeroBytes(off, end)
 	}
 	if err := img.writeZeroBytes(off, max(off, alignedStart)); err != nil {
@@ -213,9 +213,9 @@ func (img *Image) zeroize(start, end int64, unmap bool) error {
 
 // Discard drops whole clusters in [off, off+length) (the last cluster of
 // an image with an unaligned size counts when the range reaches the
-// end): they read as zeroes afterwards (v3, or v2 without a backing
-// file) or as the backing data (v2). Partial clusters are left alone, as
-// QEMU does.
+// end): they read as zeroes afterwards. Partial clusters are left alone,
+// as QEMU does, and so is everything in version 2 images with a backing
+// file, where a dropped cluster would expose stale backing data.
 func (img *Image) Discard(off, length int64) error {
 	img.freeMu.Lock()
 	defer img.freeMu.Unlock()
@@ -224,6 +224,9 @@ func (img *Image) Discard(off, length int64) error {
 	}
 	img.mu.Lock()
 	defer img.mu.Unlock()
+	if img.hdr.Version < 3 && img.hdr.BackingFile != "" {
+		return nil
+	}
 	cs := img.lay.ClusterSize
 	start := (off + cs - 1) &^ (cs - 1)
 	end := (off + length) &^ (cs - 1)
