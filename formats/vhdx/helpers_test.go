@@ -98,6 +98,9 @@ func mustBeClean(t testing.TB, name string) {
 
 // diffOffset returns the offset of the first differing byte, or -1.
 func diffOffset(a, b []byte) int {
+	if bytes.Equal(a, b) {
+		return -1
+	}
 	for i := range min(len(a), len(b)) {
 		if a[i] != b[i] {
 			return i
@@ -107,4 +110,11 @@ func diffOffset(a, b []byte) int {
 		return min(len(a), len(b))
 	}
 	return -1
+}
+
+// haveQemuImg reports whether qemu-img is installed, for tests that
+// compare with it when they can.
+func haveQemuImg() bool {
+	_, err := exec.LookPath("qemu-img")
+	return err == nil
 }

@@ -7,9 +7,8 @@
 // read-only, with QEMU's message.
 //
 // Differencing images (has_parent) are refused as QEMU refuses them.
-// Unlike QEMU, images with 4096-byte logical sectors are addressed
-// correctly (QEMU 7.2 takes their size in 512-byte units and reports an
-// eighth of it).
+// Images with 4096-byte logical sectors (made by Hyper-V) are read and
+// written, which QEMU 7.2 refuses ("Operation not supported").
 package vhdx
 
 import (
@@ -371,7 +370,7 @@ func (img *Image) readMetadata(region regionEntry) error {
 		return invalid(name, "block size %d", blockSize)
 	}
 	if logical != 512 && logical != 4096 {
-		return invalid(name, "logical sector size %d", logical)
+		return unsupported(name, "logical sector size %d", logical)
 	}
 	img.blockSize = int64(blockSize)
 	img.logicalSector = int64(logical)
