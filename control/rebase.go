@@ -25,6 +25,9 @@ type RebaseOptions struct {
 	BackingFormat string
 	// Unsafe is -u: only the header changes.
 	Unsafe bool
+	// Compress is -c (qemu-img 9.0): merged data is written as whole
+	// compressed clusters.
+	Compress bool
 	// OpenBacking opens the new backing file read-only by its path
 	// (resolved against the image's directory), with format ("" probes).
 	OpenBacking func(path, format string) (formats.Image, error)
@@ -53,6 +56,9 @@ func (e *RebaseChangeError) Unwrap() error { return e.Err }
 // without reading.
 func Rebase(ctx context.Context, o RebaseOptions) error {
 	img := o.Image
+	if _, ok := img.(formats.CompressedWriter); o.Compress && !ok {
+		return errors.New("Compression not supported for this file format")
+	}
 	if o.BackingFormat != "" && formats.Lookup(o.BackingFormat) == nil {
 		return fmt.Errorf("Invalid format name: '%s'", o.BackingFormat)
 	}
@@ -184,7 +190,13 @@ func rebaseData(ctx context.Context, o *RebaseOptions) error {
 				return errors.New("error while reading from new backing file")
 			}
 		}
-		if err := writeDifferences(img, off, bufOld[:n], bufNew[:n], oldZero); err != nil {
+		write := writeDifferences
+		if cw, ok := img.(formats.CompressedWriter); ok && o.Compress {
+			write = func(img formats.Image, off int64, old, new []byte, oldZero bool) error {
+				return writeCompressedDifferences(img, cw, off, old, new, oldZero)
+			}
+		}
+		if err := write(img, off, bufOld[:n], bufNew[:n], oldZero); err != nil {
 			return fmt.Errorf("Error while writing to COW image: %s", errnoText(err))
 		}
 		done++
@@ -219,6 +231,50 @@ func writeDifferences(img formats.Image, off int64, old, new []byte, oldZero boo
 			}
 		}
 		p = q
+	}
+	return nil
+}
+
+// writeCompressedDifferences is writeDifferences for rebase -c: every
+// cluster in which old and new differ is written whole and compressed,
+// with the bytes the image shows now (qemu-img 9.0 aligns its writes to
+// the cluster size for this). A cluster the image already allocates in
+// part (extended L2 subclusters) cannot take a compressed write; it gets
+// the plain sector writes.
+func writeCompressedDifferences(img formats.Image, cw formats.CompressedWriter, off int64, old, new []byte, oldZero bool) error {
+	cs := cw.CompressionUnit()
+	end := off + int64(len(old))
+	cluster := make([]byte, cs)
+	var cbuf []byte
+	for c := off &^ (cs - 1); c < end; c += cs {
+		lo, hi := max(c, off)-off, min(c+cs, end)-off
+		if bytes.Equal(old[lo:hi], new[lo:hi]) {
+			continue
+		}
+		n := min(cs, img.Size()-c)
+		e, err := img.BlockStatus(c, n)
+		if err != nil {
+			return err
+		}
+		if e.Status.Allocated() || e.Length < n {
+			if err := writeDifferences(img, off+lo, old[lo:hi], new[lo:hi], oldZero); err != nil {
+				return err
+			}
+			continue
+		}
+		clear(cluster)
+		if err := readFull(img, c, cluster[:n]); err != nil {
+			return err
+		}
+		if out, ok := cw.Compress(cbuf, cluster); ok {
+			cbuf = out
+			err = cw.WriteCompressed(c, out)
+		} else {
+			_, err = img.WriteAt(cluster[:n], c)
+		}
+		if err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -263,7 +263,8 @@ func TestDirectCacheMatchesQemu(t *testing.T) {
 // commands refuse it unless -U shares it.
 func TestLockedImageMatchesQemu(t *testing.T) {
 	buildFixtures(t, []fixture{qimg("create", "-q", "-f", "qcow2", "busy.qcow2", "1M")})
-	holder := exec.Command("qemu-io", "-f", "qcow2", "-c", "sleep 20000", "busy.qcow2")
+	// The holder sleeps far longer than the test runs; it is killed below.
+	holder := exec.Command("qemu-io", "-f", "qcow2", "-c", "sleep 600000", "busy.qcow2")
 	if err := holder.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -271,9 +272,10 @@ func TestLockedImageMatchesQemu(t *testing.T) {
 		holder.Process.Kill()
 		holder.Wait()
 	}()
-	for i := 0; runQemu(t, "info", "busy.qcow2").code == 0; i++ {
-		if i == 100 {
-			t.Fatal("qemu-io did not lock the image")
+	// qemu-io can take seconds to start on a loaded machine.
+	for deadline := time.Now().Add(time.Minute); runQemu(t, "info", "busy.qcow2").code == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("qemu-io did not lock the image within a minute")
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

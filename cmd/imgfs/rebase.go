@@ -19,6 +19,7 @@ func init() {
 			cacheFlag("t"), cacheFlag("T"),
 			&cli.BoolFlag{Name: "p", Usage: "show progress"},
 			&cli.BoolFlag{Name: "u", Usage: "unsafe: only rewrite the backing reference"},
+			&cli.BoolFlag{Name: "c", Usage: "compress the merged clusters"},
 			&cli.StringFlag{Name: "b", Usage: "new backing file"},
 			&cli.StringFlag{Name: "F", Usage: "new backing file format"},
 		},
@@ -69,6 +70,7 @@ func runRebase(c *cli.Context) error {
 		BackingGiven:  c.IsSet("b"),
 		BackingFormat: c.String("F"),
 		Unsafe:        unsafe,
+		Compress:      c.Bool("c"),
 		OpenBacking: func(path, format string) (formats.Image, error) {
 			return formats.Open(path, formats.OpenOptions{
 				Format: format, ReadOnly: true, ForceShare: forceShare, Direct: srcDirect,

@@ -54,3 +54,31 @@ func TestRebaseMatchesQemu(t *testing.T) {
 		runMutation(t, template, images, mutationCase{args: append([]string{"rebase"}, args...), sameAllocation: args[len(args)-1]})
 	}
 }
+
+// TestRebaseCompress covers rebase -c, which qemu-img 7.2 lacks (it is
+// in the 9.0 manual): the guest content stays, the merged clusters are
+// stored compressed, and formats that cannot compress refuse.
+func TestRebaseCompress(t *testing.T) {
+	buildFixtures(t, []fixture{
+		qimg("create", "-q", "-f", "qcow2", "base.qcow2", "8M"),
+		qio("-c", "write -P 0x41 0 3M", "-c", "write -P 0x42 5M 100k", "base.qcow2"),
+		qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"),
+		qio("-c", "write -P 0x55 1M 64k", "top.qcow2"),
+		qimg("convert", "-O", "raw", "top.qcow2", "want.raw"),
+		qimg("create", "-q", "-f", "raw", "plain.raw", "1M"),
+	})
+	if r := runImgfs("rebase", "-c", "-b", "", "top.qcow2"); r.code != 0 {
+		t.Fatalf("rebase -c: %+v", r)
+	}
+	if r := runQemu(t, "compare", "-U", "top.qcow2", "want.raw"); r.code != 0 {
+		t.Fatalf("content changed: %s%s", r.stdout, r.stderr)
+	}
+	r := runQemu(t, "check", "--output=json", "top.qcow2")
+	if r.code != 0 || !strings.Contains(r.stdout, `"compressed-clusters": 49`) {
+		t.Errorf("want 49 compressed clusters (3M + 100k of merged data), check said %d:\n%s%s", r.code, r.stdout, r.stderr)
+	}
+	want := cmdResult{"", "qemu-img: Compression not supported for this file format\n", 1}
+	if r := runImgfs("rebase", "-c", "-f", "raw", "-u", "-b", "", "plain.raw"); r != want {
+		t.Errorf("raw: got %+v, want %+v", r, want)
+	}
+}
