@@ -391,6 +391,9 @@ type op struct {
 	data   []byte // kindData: the bytes (compressed ones when compressed)
 	// compressed: data is a compressed cluster for WriteCompressed.
 	compressed bool
+	// offload: a -C data chunk copied host file to host file, without
+	// data; it falls back to a copy through memory.
+	offload bool
 }
 
 // worker takes chunks in order, reads and prepares them in parallel with
@@ -430,6 +433,8 @@ func (c *converter) worker() {
 		// backing chunks carry no bytes.
 		var chunk []byte
 		switch {
+		case kind == kindData && c.offloadable(off, n):
+			ops = append(ops[:0], op{off: off, n: n, kind: kindData, offload: true})
 		case kind == kindData:
 			chunk = buf[:n]
 			if err := c.read(off, chunk); err != nil {
@@ -441,7 +446,9 @@ func (c *converter) worker() {
 			clear(chunk)
 			kind = kindData
 		}
-		ops = c.prepare(ops[:0], off, n, kind, chunk, cbuf)
+		if kind != kindData || chunk != nil {
+			ops = c.prepare(ops[:0], off, n, kind, chunk, cbuf)
+		}
 
 		if !c.o.OutOfOrder {
 			c.mu.Lock()
@@ -690,6 +697,15 @@ func (c *converter) write(w op, scratch []byte) error {
 	case w.compressed:
 		c.throttle(int64(len(w.data)))
 		err = c.compressor.WriteCompressed(w.off, w.data)
+	case w.offload:
+		c.throttle(w.n)
+		if c.copyRange(w.off, w.n) != nil {
+			// The kernel could not (another filesystem, a short file):
+			// copy through memory, as QEMU falls back from copy_range.
+			if err = c.read(w.off, scratch[:w.n]); err == nil {
+				_, err = c.target.WriteAt(scratch[:w.n], w.off)
+			}
+		}
 	default:
 		c.throttle(int64(len(w.data)))
 		_, err = c.target.WriteAt(w.data, w.off)
@@ -711,6 +727,48 @@ func writeZeroes(img formats.Image, off, n int64, scratch []byte) error {
 	for n > 0 {
 		k := min(n, int64(len(scratch)))
 		if _, err := img.WriteAt(scratch[:k], off); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// offloadable reports whether -C can copy [off, off+n) from one host
+// file to the other without the data passing through us: both the
+// source and the target map it onto host files.
+func (c *converter) offloadable(off, n int64) bool {
+	if !c.o.CopyWhole || c.compressor != nil {
+		return false
+	}
+	i := c.part(off)
+	if off+n > c.srcEnd[i] {
+		return false
+	}
+	src, ok1 := c.o.Sources[i].(formats.HostMapper)
+	dst, ok2 := c.target.(formats.HostMapper)
+	if !ok1 || !ok2 {
+		return false
+	}
+	_, _, _, ok1 = src.HostMap(off-c.srcStart[i], n)
+	_, _, _, ok2 = dst.HostMap(off, n)
+	return ok1 && ok2
+}
+
+// copyRange copies [off, off+n) with copy_file_range, piece by piece
+// as the two host mappings allow.
+func (c *converter) copyRange(off, n int64) error {
+	i := c.part(off)
+	src := c.o.Sources[i].(formats.HostMapper)
+	dst := c.target.(formats.HostMapper)
+	for n > 0 {
+		sf, soff, sl, ok1 := src.HostMap(off-c.srcStart[i], n)
+		df, doff, dl, ok2 := dst.HostMap(off, n)
+		if !ok1 || !ok2 {
+			return formats.ErrUnsupported
+		}
+		k := min(sl, dl)
+		if err := sf.CopyRangeTo(df, soff, doff, k); err != nil {
 			return err
 		}
 		off, n = off+k, n-k

@@ -179,6 +179,26 @@ func (f *File) Truncate(size int64) error { return f.f.Truncate(size) }
 // Sync makes written data durable.
 func (f *File) Sync() error { return unix.Fdatasync(int(f.f.Fd())) }
 
+// CopyRangeTo copies n bytes at off to dst at dstOff inside the kernel
+// (copy_file_range). It fails when the kernel cannot, e.g. across
+// filesystems or past the end of f; callers then copy through memory.
+func (f *File) CopyRangeTo(dst *File, off, dstOff, n int64) error {
+	if dst.readOnly {
+		return ErrReadOnly
+	}
+	for n > 0 {
+		m, err := unix.CopyFileRange(int(f.f.Fd()), &off, int(dst.f.Fd()), &dstOff, int(min(n, 1<<30)), 0)
+		if err != nil {
+			return err
+		}
+		if m == 0 {
+			return io.ErrUnexpectedEOF
+		}
+		n -= int64(m)
+	}
+	return nil
+}
+
 // Close closes the file.
 func (f *File) Close() error { return f.f.Close() }
 

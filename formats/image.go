@@ -159,6 +159,16 @@ type CheckResult struct {
 	CompressedClusters int64
 }
 
+// HostMapper maps guest ranges straight onto a host file, so that
+// convert -C can copy them with copy_file_range instead of through
+// memory. A range it does not map must go through ReadAt/WriteAt.
+type HostMapper interface {
+	// HostMap returns the host file and offset holding the guest bytes
+	// at off, and how many of the n bytes from there are contiguous in
+	// it; ok is false when the range must go through the driver.
+	HostMap(off, n int64) (f *File, hostOff, length int64, ok bool)
+}
+
 // CompressedWriter writes whole compressed clusters; convert -c uses it.
 // Compress is safe for concurrent use so clusters compress on all cores;
 // WriteCompressed stores what Compress produced.
@@ -207,4 +217,64 @@ type AllocatedSizer interface {
 // them as with -c.
 type CompressedOnly interface {
 	NeedsCompressedWrites() bool
+}
+
+// Bitmapper manages an image's persistent dirty bitmaps (qemu-img
+// bitmap, convert --bitmaps). Errors carry QEMU's messages, e.g.
+// "Dirty bitmap 'x' not found".
+type Bitmapper interface {
+	// Bitmaps lists the persistent bitmaps in directory order.
+	Bitmaps() ([]BitmapInfo, error)
+	// AddBitmap creates an empty persistent bitmap; granularity 0 picks
+	// the default (the cluster size, clamped to 4 KiB..64 KiB).
+	AddBitmap(name string, granularity int64, disabled bool) error
+	RemoveBitmap(name string) error
+	ClearBitmap(name string) error
+	EnableBitmap(name string) error
+	DisableBitmap(name string) error
+	// BitmapData returns a copy of a bitmap's bits.
+	BitmapData(name string) (*DirtyBitmap, error)
+	// MergeBitmap sets in bitmap dst every range that is dirty in src.
+	MergeBitmap(dst string, src *DirtyBitmap) error
+}
+
+// BitmapInfo describes one persistent bitmap.
+type BitmapInfo struct {
+	Name        string
+	Granularity int64
+	Enabled     bool // the "auto" flag: writes are tracked
+	InUse       bool // inconsistent: left in use by a program that did not close it
+}
+
+// DirtyBitmap is a bitmap's content: bit i (LSB first within each byte)
+// covers guest bytes [i*Granularity, (i+1)*Granularity) of an image of
+// Size bytes.
+type DirtyBitmap struct {
+	Granularity int64
+	Size        int64
+	Bits        []byte
+}
+
+// Snapshotter is implemented by images with internal snapshots (qcow2).
+// Snapshot IDs are the decimal numbers the format assigns; names are
+// chosen by the user and need not be unique.
+type Snapshotter interface {
+	// Snapshots lists the internal snapshots in table order.
+	Snapshots() ([]Snapshot, error)
+	// CreateSnapshot takes a snapshot of the current guest data. The ID
+	// of s is ignored: the next free numeric ID is assigned. Name, dates,
+	// VM clock, VM state size and icount are stored as given.
+	CreateSnapshot(s Snapshot) error
+	// ApplySnapshot reverts the guest data to the snapshot with ID
+	// idOrName, or else with that name. A missing snapshot is an error
+	// wrapping ErrSnapshotNotFound.
+	ApplySnapshot(idOrName string) error
+	// DeleteSnapshot removes the snapshot matching id and name; an empty
+	// id or name matches any.
+	DeleteSnapshot(id, name string) error
+	// OpenSnapshot returns a read-only view of the guest data as of the
+	// snapshot matching id and name (empty matches any), sharing the
+	// open image: closing the view leaves the image open, and the view
+	// must be closed before the image.
+	OpenSnapshot(id, name string) (Image, error)
 }

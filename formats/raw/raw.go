@@ -157,6 +157,18 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	return img.f.WriteAt(p, off)
 }
 
+// HostMap maps guest bytes one to one onto the file, for copy
+// offloading. The first sector of a probed image is not mapped: writes
+// there need the probe guard of WriteAt.
+func (img *Image) HostMap(off, n int64) (*formats.File, int64, int64, bool) {
+	img.mu.RLock()
+	defer img.mu.RUnlock()
+	if off < 0 || n <= 0 || off >= img.size || img.probed && off < sectorSize {
+		return nil, 0, 0, false
+	}
+	return img.f, off, min(n, img.size-off), true
+}
+
 // checkWrite refuses writes to a read-only image and ranges outside the
 // image. The caller holds mu.
 func (img *Image) checkWrite(off, length int64) error {
