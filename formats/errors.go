@@ -18,6 +18,9 @@ var (
 	ErrReadOnly = errors.New("image is read-only")
 	// ErrInvalidOption: a creation or open option has a bad name or value.
 	ErrInvalidOption = errors.New("invalid option")
+	// ErrSnapshotNotFound: no internal snapshot has the ID or name asked
+	// for.
+	ErrSnapshotNotFound = errors.New("snapshot not found")
 )
 
 // Error is an error whose text is exactly QEMU's message while it still

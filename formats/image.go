@@ -278,3 +278,8 @@ type Snapshotter interface {
 	// must be closed before the image.
 	OpenSnapshot(id, name string) (Image, error)
 }
+
+// QEMUNodeName stands for the automatic node name QEMU puts into some
+// bitmap messages: "#block" and a counter that depends on QEMU's
+// internals (126 for a plain qcow2 image opened by qemu-img bitmap).
+const QEMUNodeName = "#block126"

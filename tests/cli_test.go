@@ -284,7 +284,7 @@ func copyDir(t *testing.T, src, dst string) {
 // with the name the program was invoked by.
 func TestProgramName(t *testing.T) {
 	dir := t.TempDir()
-	imgfs := filepath.Join(filepath.Dir(ours), "imgfs")
+	imgfs := imgfsBin()
 	for _, args := range [][]string{{}, {"foo"}, {"info"}, {"info", "-z"}, {"info", "nonexist"}} {
 		t.Run(testName(append([]string{"imgfs"}, args...)), func(t *testing.T) {
 			want := run(t, dir, qemuImg, args...)

@@ -324,6 +324,10 @@ func (o *opener) open(filename, format string, readOnly, noBacking bool) (format
 			return nil, fmt.Errorf("Could not open '%s': %w", filename, err)
 		}
 	}
+	if oo.ForceShare && !oo.ReadOnly {
+		// bdrv_open_common refuses this before it opens anything.
+		return nil, fmt.Errorf("Could not open '%s': force-share=on can only be used with read-only images", filename)
+	}
 	img, err := formats.Open(name, oo)
 	if err != nil {
 		return nil, fmt.Errorf("Could not open '%s': %w", filename, err)

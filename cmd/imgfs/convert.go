@@ -59,6 +59,8 @@ type convertFlags struct {
 	targetIsZero    bool
 	bitmaps         bool
 	skipBrokenBmaps bool
+	// snapshot is -l, nil without it.
+	snapshot *control.SnapshotParam
 }
 
 func readConvertFlags(c *cli.Context) (*convertFlags, error) {
@@ -77,6 +79,9 @@ func readConvertFlags(c *cli.Context) (*convertFlags, error) {
 	}
 	var err error
 	if f.options, err = joinOptions(c); err != nil {
+		return nil, err
+	}
+	if f.snapshot, err = snapshotParam(c); err != nil {
 		return nil, err
 	}
 	if c.IsSet("S") {
@@ -174,14 +179,26 @@ func runConvert(c *cli.Context) error {
 		}
 		sources = append(sources, img)
 	}
+	inputs := sources
+	if f.snapshot != nil {
+		if len(sources) > 1 {
+			return errors.New("No support for concatenating multiple snapshot")
+		}
+		view, err := control.OpenSnapshot(sources[0], *f.snapshot)
+		if err != nil {
+			return err
+		}
+		// The view closes before the sources (deferred calls run in
+		// reverse order).
+		defer view.Close()
+		inputs = []formats.Image{view}
+	}
 	switch {
-	case c.IsSet("l"):
-		return errors.New("Failed to load snapshot: converting a snapshot (-l) is not supported yet")
 	case f.bitmaps:
 		return errors.New("Copying bitmaps (--bitmaps) is not supported yet")
 	}
 	err = control.Convert(c.Context, control.ConvertOptions{
-		Sources:      sources,
+		Sources:      inputs,
 		Target:       target,
 		TargetFormat: f.outFmt,
 		Options:      f.options,

@@ -24,6 +24,9 @@ func permute(cmd *cli.Command, args []string) ([]string, error) {
 	var long []string
 	for _, f := range cmd.Flags {
 		_, isBool := f.(*cli.BoolFlag)
+		if b, ok := f.(interface{ IsBoolFlag() bool }); ok {
+			isBool = b.IsBoolFlag()
+		}
 		for _, n := range f.Names() {
 			takesValue[n] = !isBool
 			if len(n) > 1 {

@@ -34,7 +34,8 @@ func runMeasure(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := checkSnapshotParam(c); err != nil {
+	snap, err := snapshotParam(c)
+	if err != nil {
 		return err
 	}
 	asJSON, err := wantJSON(c)
@@ -64,8 +65,11 @@ func runMeasure(c *cli.Context) error {
 			return err
 		}
 		defer src.Close()
-		if c.IsSet("l") {
-			return errors.New("Failed to load snapshot: measuring an internal snapshot (-l) is not supported yet")
+		if snap != nil {
+			if src, err = control.OpenSnapshot(src, *snap); err != nil {
+				return err
+			}
+			defer src.Close()
 		}
 	}
 	rep, err := control.Measure(control.MeasureOptions{
@@ -90,12 +94,17 @@ func runMeasure(c *cli.Context) error {
 	return nil
 }
 
-// checkSnapshotParam checks an -l value of the "snapshot.id=...,
-// snapshot.name=..." form as qemu-img parses it, while reading options.
-func checkSnapshotParam(c *cli.Context) error {
+// snapshotParam reads -l as qemu-img's convert and measure do: a value
+// starting "snapshot." is parsed as snapshot.id=...,snapshot.name=...
+// while the options are read; anything else is an ID or a name. It
+// returns nil without -l.
+func snapshotParam(c *cli.Context) (*control.SnapshotParam, error) {
 	param := c.String("l")
-	if !c.IsSet("l") || !strings.HasPrefix(param, "snapshot.") {
-		return nil
+	if !c.IsSet("l") {
+		return nil, nil
+	}
+	if !strings.HasPrefix(param, "snapshot.") {
+		return &control.SnapshotParam{IDOrName: param}, nil
 	}
 	kvs, err := parseKeyValues(param, "")
 	if err == nil {
@@ -107,7 +116,7 @@ func checkSnapshotParam(c *cli.Context) error {
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("%v\n%s: Failed in parsing snapshot param '%s'", err, prog, param)
+		return nil, fmt.Errorf("%v\n%s: Failed in parsing snapshot param '%s'", err, prog, param)
 	}
-	return nil
+	return &control.SnapshotParam{ID: kvs.get("snapshot.id"), Name: kvs.get("snapshot.name")}, nil
 }

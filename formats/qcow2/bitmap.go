@@ -102,29 +102,3 @@ func (e *BitmapEntry) info() formats.Object {
 		{Key: "flags", Value: flags},
 	}
 }
-
-// markBitmapsInUse runs before the first change to guest data. This
-// driver does not track writes in persistent bitmaps, so every enabled
-// (auto) bitmap is flagged in use, in place, as QEMU leaves the bitmaps
-// of an image it did not close: they read as inconsistent afterwards
-// instead of silently missing the writes. Disabled bitmaps stay valid.
-// img.mu is held.
-func (img *Image) markBitmapsInUse() error {
-	if img.bitmapsMarked || img.hdr.Bitmaps == nil {
-		return nil
-	}
-	for i := range img.bitmaps {
-		b := &img.bitmaps[i]
-		if b.Flags&BitmapAuto == 0 || b.Flags&BitmapInUse != 0 {
-			continue
-		}
-		var f [4]byte
-		binary.BigEndian.PutUint32(f[:], b.Flags|BitmapInUse)
-		if _, err := img.file.WriteAt(f[:], int64(img.hdr.Bitmaps.DirectoryOff+b.DirOffset+12)); err != nil {
-			return err
-		}
-		b.Flags |= BitmapInUse
-	}
-	img.bitmapsMarked = true
-	return img.file.Sync()
-}

@@ -1415,7 +1415,7 @@ func (img *Image) checkLocked(ctx context.Context, fix fixFlags, report func(str
 		if err := img.adoptCheckState(c); err != nil {
 			return nil, err
 		}
-		if err := img.rewriteSnapshotTable(c.snapshotsSize); err != nil {
+		if err := img.writeSnapshotTable(img.snapshots, c.snapshotsSize); err != nil {
 			c.printf("ERROR failed to update snapshot table: %s", strerror(err))
 			return nil, asErrno(err)
 		}
@@ -1501,103 +1501,4 @@ func (img *Image) adoptCheckState(c *checker) error {
 		img.readOnly = true
 	}
 	return err
-}
-
-// rewriteSnapshotTable is qcow2_write_snapshots for the snapshots as
-// read: the table is written to newly allocated clusters with at least
-// the 24 bytes of extra data QEMU knows in every entry, the header is
-// switched to it, and the old table (oldSize bytes) is freed.
-func (img *Image) rewriteSnapshotTable(oldSize int64) error {
-	h := img.hdr
-	buf, err := img.encodeSnapshotTable()
-	if err != nil {
-		return err
-	}
-	n := (int64(len(buf)) + img.lay.ClusterSize - 1) >> img.lay.ClusterBits
-	off, err := img.allocClusters(n)
-	if err != nil {
-		return err
-	}
-	// The new clusters' refcounts reach the disk before the table, the
-	// table before the header that names it.
-	if err := img.flushCaches(); err != nil {
-		return err
-	}
-	if err := img.writeSync(buf, off); err != nil {
-		return err
-	}
-	var ptr [12]byte
-	binary.BigEndian.PutUint32(ptr[:], uint32(len(img.snapshots)))
-	binary.BigEndian.PutUint64(ptr[4:], off)
-	if err := img.writeSync(ptr[:], 60); err != nil {
-		return err
-	}
-	oldOff := h.SnapshotsOffset
-	h.NbSnapshots, h.SnapshotsOffset = uint32(len(img.snapshots)), off
-	if oldSize > 0 {
-		first := int64(oldOff >> img.lay.ClusterBits)
-		last := int64((oldOff + uint64(oldSize) - 1) >> img.lay.ClusterBits)
-		// QEMU discards freed snapshot clusters (discard-snapshot=on).
-		if err := img.freeClusters(first, last-first+1, true); err != nil {
-			return err
-		}
-	}
-	if err := img.flushCaches(); err != nil {
-		return err
-	}
-	snaps, err := ReadSnapshotTable(img.file, h)
-	if err != nil {
-		return err
-	}
-	img.snapshots = snaps
-	return nil
-}
-
-// snapshotExtraLen is the extra data QEMU 7.2 writes for every snapshot:
-// the 64-bit VM state size, the disk size and the instruction count.
-const snapshotExtraLen = 24
-
-// encodeSnapshotTable lays out img.snapshots as qcow2_write_snapshots
-// does: entries 8-byte aligned, no padding after the last one.
-func (img *Image) encodeSnapshotTable() ([]byte, error) {
-	be := binary.BigEndian
-	var buf []byte
-	for _, sn := range img.snapshots {
-		// QEMU holds ID and name as C strings: a NUL ends them.
-		id, name := cString([]byte(sn.ID)), cString([]byte(sn.Name))
-		buf = append(buf, make([]byte, (8-len(buf)%8)%8)...)
-		var hdr [snapshotHeaderLen]byte
-		be.PutUint64(hdr[0:], sn.L1TableOffset)
-		be.PutUint32(hdr[8:], sn.L1Size)
-		be.PutUint16(hdr[12:], uint16(len(id)))
-		be.PutUint16(hdr[14:], uint16(len(name)))
-		be.PutUint32(hdr[16:], sn.DateSec)
-		be.PutUint32(hdr[20:], sn.DateNsec)
-		be.PutUint64(hdr[24:], sn.VMClockNsec)
-		if sn.VMStateSize <= math.MaxUint32 {
-			// Larger states are only in the extra data, so that old
-			// readers see a disk-only snapshot rather than a cut one.
-			be.PutUint32(hdr[32:], uint32(sn.VMStateSize))
-		}
-		be.PutUint32(hdr[36:], uint32(max(snapshotExtraLen, len(sn.Extra))))
-		var extra [snapshotExtraLen]byte
-		be.PutUint64(extra[0:], sn.VMStateSize)
-		disk := uint64(img.size) &^ 511
-		if sn.HasDiskSize {
-			disk = sn.DiskSize
-		}
-		be.PutUint64(extra[8:], disk)
-		be.PutUint64(extra[16:], sn.ICount)
-		buf = append(buf, hdr[:]...)
-		buf = append(buf, extra[:]...)
-		if len(sn.Extra) > snapshotExtraLen {
-			buf = append(buf, sn.Extra[snapshotExtraLen:]...)
-		}
-		buf = append(buf, id...)
-		buf = append(buf, name...)
-		if len(buf) > maxSnapshotTableBytes {
-			return nil, errCheckTooLarge
-		}
-	}
-	return buf, nil
 }

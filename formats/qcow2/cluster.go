@@ -23,11 +23,15 @@ type mapping struct {
 
 // l2Offset returns the host offset of the L2 table for L1 index i, 0 when
 // unallocated.
-func (img *Image) l2Offset(i int64) (uint64, error) {
-	if i >= int64(len(img.l1)) {
+func (img *Image) l2Offset(i int64) (uint64, error) { return img.l2OffsetIn(img.l1, i) }
+
+// l2OffsetIn is l2Offset in the L1 table l1 (the active one or a
+// snapshot's).
+func (img *Image) l2OffsetIn(l1 []uint64, i int64) (uint64, error) {
+	if i >= int64(len(l1)) {
 		return 0, nil
 	}
-	e := img.l1[i]
+	e := l1[i]
 	off := e & OffsetMask
 	if off != 0 && off&uint64(img.lay.ClusterSize-1) != 0 {
 		return 0, img.corruptf("L2 table offset %#x unaligned (L1 index: %#x)", off, i)
@@ -50,11 +54,17 @@ func (img *Image) l2Table(off uint64) (*cachedTable, error) {
 // lookup resolves guest bytes [off, off+maxLen) up to the first change of
 // storage kind, host contiguity or COPIED flag, and never past the end
 // of one L2 table or one compressed cluster. maxLen > 0.
-func (img *Image) lookup(off, maxLen int64) (mapping, error) {
+func (img *Image) lookup(off, maxLen int64) (mapping, error) { return img.lookupIn(nil, off, maxLen) }
+
+// lookupIn is lookup through the L1 table l1; nil means the active one.
+func (img *Image) lookupIn(l1 []uint64, off, maxLen int64) (mapping, error) {
+	if l1 == nil {
+		l1 = img.l1
+	}
 	lay := &img.lay
 	l1i := lay.L1Index(off)
 	maxLen = min(maxLen, (l1i+1)*lay.L1Coverage()-off)
-	l2off, err := img.l2Offset(l1i)
+	l2off, err := img.l2OffsetIn(l1, l1i)
 	if err != nil {
 		return mapping{}, err
 	}

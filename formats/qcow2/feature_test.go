@@ -505,9 +505,10 @@ func TestLazyRefcounts(t *testing.T) {
 	mustBeClean(t, crashed)
 }
 
-// TestBitmapsMarkedInUse: writing flags enabled bitmaps in use (they no
-// longer match the data) and leaves disabled ones alone; the image stays
-// clean for qemu-img check.
+// TestBitmapsMarkedInUse: writing flags enabled bitmaps in use on disk
+// while the image is open (a crash leaves them inconsistent) and leaves
+// disabled ones alone; closing stores them and clears the flag; the
+// image stays clean for qemu-img check.
 func TestBitmapsMarkedInUse(t *testing.T) {
 	haveQemu(t)
 	name := filepath.Join(t.TempDir(), "b.qcow2")
@@ -518,12 +519,15 @@ func TestBitmapsMarkedInUse(t *testing.T) {
 	if _, err := img.WriteAt([]byte{1}, 0); err != nil {
 		t.Fatal(err)
 	}
-	img.Close()
-	data, _ := infoData(t, name)
-	got := mustJSON(t, data["bitmaps"])
-	want := `[{"flags":["in-use","auto"],"granularity":65536,"name":"on"},{"flags":[],"granularity":65536,"name":"off"}]`
-	if got != want {
-		t.Errorf("bitmaps %s, want %s", got, want)
+	for _, want := range []string{
+		`[{"flags":["in-use","auto"],"granularity":65536,"name":"on"},{"flags":[],"granularity":65536,"name":"off"}]`,
+		`[{"flags":["auto"],"granularity":65536,"name":"on"},{"flags":[],"granularity":65536,"name":"off"}]`,
+	} {
+		data, _ := infoData(t, name)
+		if got := mustJSON(t, data["bitmaps"]); got != want {
+			t.Errorf("bitmaps %s, want %s", got, want)
+		}
+		img.Close()
 	}
 	mustBeClean(t, name)
 }

@@ -65,8 +65,8 @@ type Image struct {
 	reftable []uint64 // refcount table, host byte order
 	l2Cache  *tableCache
 	rbCache  *tableCache
-	// snapshots and bitmaps as read at open (for info and for the
-	// overlap checks); this driver does not change them.
+	// snapshots and the bitmap directory as read at open or last
+	// written (for info and for the overlap checks).
 	snapshots []SnapshotEntry
 	bitmaps   []BitmapEntry
 	// freeHint is the lowest cluster index that may be free.
@@ -87,9 +87,9 @@ type Image struct {
 	// metaPrealloc caches qcow2_detect_metadata_preallocation's answer:
 	// 0 not yet asked, 1 no, 2 yes.
 	metaPrealloc int
-	// bitmapsMarked: enabled persistent bitmaps were flagged in use.
-	bitmapsMarked bool
-	closed        bool
+	// bm: loaded persistent bitmaps and the write tracking state.
+	bm     bitmapState
+	closed bool
 }
 
 var (
@@ -382,6 +382,9 @@ func (img *Image) Flush() error {
 }
 
 func (img *Image) flushLocked() error {
+	if err := img.storeBitmaps(); err != nil {
+		return err
+	}
 	if err := img.flushCaches(); err != nil {
 		return err
 	}

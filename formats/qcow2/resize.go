@@ -33,7 +33,7 @@ func (img *Image) Resize(size int64, prealloc string, shrink bool) error {
 		return errorf(formats.ErrUnsupported, "Can't resize a v2 image which has snapshots")
 	}
 	for _, b := range img.bitmaps {
-		if b.Flags&BitmapInUse != 0 {
+		if b.Flags&BitmapInUse != 0 && !img.isTracked(b.Name) {
 			return errorf(formats.ErrUnsupported, "Bitmap '%s' is currently in use by another operation", b.Name)
 		}
 	}

@@ -10,7 +10,10 @@ import (
 
 // ReadAt reads guest bytes. Unallocated ranges read from the backing
 // image (zeroes past its end, or without one).
-func (img *Image) ReadAt(p []byte, off int64) (int, error) {
+func (img *Image) ReadAt(p []byte, off int64) (int, error) { return img.readAtIn(nil, p, off) }
+
+// readAtIn is ReadAt through the L1 table l1; nil means the active one.
+func (img *Image) readAtIn(l1 []uint64, p []byte, off int64) (int, error) {
 	img.freeMu.RLock()
 	defer img.freeMu.RUnlock()
 	size := img.Size()
@@ -23,7 +26,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	n := int(min(int64(len(p)), size-off))
 	for done := 0; done < n; {
 		img.mu.Lock()
-		m, err := img.lookup(off+int64(done), int64(n-done))
+		m, err := img.lookupIn(l1, off+int64(done), int64(n-done))
 		img.mu.Unlock()
 		if err != nil {
 			return done, err
@@ -127,7 +130,8 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
-// checkWrite refuses writes to read-only images and past the end.
+// checkWrite refuses writes to read-only images and past the end, and
+// records the range in the enabled persistent bitmaps.
 func (img *Image) checkWrite(off, n int64) error {
 	img.mu.Lock()
 	defer img.mu.Unlock()
@@ -137,7 +141,7 @@ func (img *Image) checkWrite(off, n int64) error {
 	if off < 0 || n < 0 || off > img.size-n {
 		return fmt.Errorf("%s: write of %d bytes at %d is beyond the virtual size %d", img.file.Name(), n, off, img.size)
 	}
-	return img.markBitmapsInUse()
+	return img.trackWrite(off, n)
 }
 
 // writeStep writes a prefix of p at off and returns its length.

@@ -3,6 +3,7 @@ package qcow2
 import (
 	"encoding/binary"
 	"io"
+	"math"
 
 	"github.com/imgfs/imgfs/formats"
 )
@@ -117,4 +118,126 @@ func (sn *SnapshotEntry) info() formats.Snapshot {
 		ICount:      sn.ICount,
 		HasICount:   sn.ICount != ^uint64(0),
 	}
+}
+
+// tableSize is the byte size of the snapshot table as read (0 without
+// snapshots), what qcow2_write_snapshots frees when it moves the table.
+func (img *Image) snapshotTableSize() int64 {
+	if len(img.snapshots) == 0 {
+		return 0
+	}
+	last := img.snapshots[len(img.snapshots)-1]
+	return int64(last.Offset + last.Len - img.hdr.SnapshotsOffset)
+}
+
+// writeSnapshotTable is qcow2_write_snapshots: list is written as the new
+// snapshot table to newly allocated clusters, with at least the 24
+// bytes of extra data QEMU knows in every entry; the header is switched
+// to it, and the old table (oldSize bytes) is freed. On success
+// img.snapshots is list as read back from the image.
+func (img *Image) writeSnapshotTable(list []SnapshotEntry, oldSize int64) error {
+	h := img.hdr
+	buf, err := img.encodeSnapshotTable(list)
+	if err != nil {
+		return err
+	}
+	var off uint64
+	if len(buf) > 0 {
+		n := (int64(len(buf)) + img.lay.ClusterSize - 1) >> img.lay.ClusterBits
+		if off, err = img.allocClusters(n); err != nil {
+			return err
+		}
+	}
+	// The new clusters' refcounts reach the disk before the table, the
+	// table before the header that names it.
+	if err := img.flushCaches(); err != nil {
+		return err
+	}
+	if len(buf) > 0 {
+		if err := img.writeSync(buf, off); err != nil {
+			return err
+		}
+	}
+	var ptr [12]byte
+	binary.BigEndian.PutUint32(ptr[:], uint32(len(list)))
+	binary.BigEndian.PutUint64(ptr[4:], off)
+	if err := img.writeSync(ptr[:], 60); err != nil {
+		return err
+	}
+	oldOff := h.SnapshotsOffset
+	h.NbSnapshots, h.SnapshotsOffset = uint32(len(list)), off
+	if oldSize > 0 {
+		first := int64(oldOff >> img.lay.ClusterBits)
+		last := int64((oldOff + uint64(oldSize) - 1) >> img.lay.ClusterBits)
+		// QEMU discards freed snapshot clusters (discard-snapshot=on).
+		if err := img.freeClusters(first, last-first+1, true); err != nil {
+			return err
+		}
+	}
+	if err := img.flushCaches(); err != nil {
+		return err
+	}
+	snaps, err := ReadSnapshotTable(img.file, h)
+	if err != nil {
+		return err
+	}
+	img.snapshots = snaps
+	return nil
+}
+
+// snapshotExtraLen is the extra data QEMU 7.2 writes for every snapshot:
+// the 64-bit VM state size, the disk size and the instruction count.
+const snapshotExtraLen = 24
+
+// encodeSnapshotTable lays out list as qcow2_write_snapshots does:
+// entries 8-byte aligned, no padding after the last one.
+func (img *Image) encodeSnapshotTable(list []SnapshotEntry) ([]byte, error) {
+	be := binary.BigEndian
+	var buf []byte
+	for _, sn := range list {
+		// QEMU holds ID and name as C strings: a NUL ends them.
+		id, name := cString([]byte(sn.ID)), cString([]byte(sn.Name))
+		if len(id) > math.MaxUint16 || len(name) > math.MaxUint16 {
+			return nil, errorf(formats.ErrInvalidOption, "snapshot ID or name longer than %d bytes", math.MaxUint16)
+		}
+		buf = append(buf, make([]byte, (8-len(buf)%8)%8)...)
+		var hdr [snapshotHeaderLen]byte
+		be.PutUint64(hdr[0:], sn.L1TableOffset)
+		be.PutUint32(hdr[8:], sn.L1Size)
+		be.PutUint16(hdr[12:], uint16(len(id)))
+		be.PutUint16(hdr[14:], uint16(len(name)))
+		be.PutUint32(hdr[16:], sn.DateSec)
+		be.PutUint32(hdr[20:], sn.DateNsec)
+		be.PutUint64(hdr[24:], sn.VMClockNsec)
+		if sn.VMStateSize <= math.MaxUint32 {
+			// Larger states are only in the extra data, so that old
+			// readers see a disk-only snapshot rather than a cut one.
+			be.PutUint32(hdr[32:], uint32(sn.VMStateSize))
+		}
+		be.PutUint32(hdr[36:], uint32(max(snapshotExtraLen, len(sn.Extra))))
+		var extra [snapshotExtraLen]byte
+		be.PutUint64(extra[0:], sn.VMStateSize)
+		be.PutUint64(extra[8:], sn.diskSize(img.size))
+		be.PutUint64(extra[16:], sn.ICount)
+		buf = append(buf, hdr[:]...)
+		buf = append(buf, extra[:]...)
+		if len(sn.Extra) > snapshotExtraLen {
+			buf = append(buf, sn.Extra[snapshotExtraLen:]...)
+		}
+		buf = append(buf, id...)
+		buf = append(buf, name...)
+		if len(buf) > maxSnapshotTableBytes {
+			return nil, errCheckTooLarge
+		}
+	}
+	return buf, nil
+}
+
+// diskSize is the guest size the snapshot was taken at: from the extra
+// data, or for old entries without it the current size (as QEMU assumes).
+func (sn *SnapshotEntry) diskSize(current int64) uint64 {
+	if sn.HasDiskSize {
+		return sn.DiskSize
+	}
+	return uint64(current) &^ 511
 }

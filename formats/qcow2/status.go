@@ -10,6 +10,12 @@ import (
 // status in this image alone (qcow2_co_block_status): runs of clusters
 // with the same kind and contiguous host offsets merge into one extent.
 func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
+	return img.blockStatusIn(nil, off, length)
+}
+
+// blockStatusIn is BlockStatus through the L1 table l1; nil means the
+// active one.
+func (img *Image) blockStatusIn(l1 []uint64, off, length int64) (formats.Extent, error) {
 	img.mu.Lock()
 	defer img.mu.Unlock()
 	if off < 0 || off >= img.size || length <= 0 {
@@ -24,7 +30,7 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 	}
 	var ext formats.Extent
 	for pos := off; pos < off+length; {
-		m, err := img.lookup(pos, off+length-pos)
+		m, err := img.lookupIn(l1, pos, off+length-pos)
 		if err != nil {
 			return formats.Extent{}, err
 		}

@@ -153,7 +153,7 @@ func (h *header) encode(b []byte) {
 	h.Signature = [4]byte(headerSignature)
 }
 
-// valid reports what vhdx_parse_header accepts: a good checksum over
+// headerValid reports what vhdx_parse_header accepts: a good checksum over
 // the 4 KiB, the signature and version 1.
 func headerValid(b []byte) bool {
 	return checksumValid(b[:headerCRCSize], 4) && bytes.Equal(b[0:4], headerSignature) &&

@@ -56,7 +56,7 @@ func FuzzOpen(f *testing.F) {
 		if err := os.WriteFile(name, data, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		img, err := formats.Open(name, formats.OpenOptions{Format: "vhdx", ReadOnly: true})
+		img, err := formats.Open(name, formats.OpenOptions{Format: "vhdx", ReadOnly: true, NoBacking: true})
 		if err != nil {
 			return
 		}
@@ -117,7 +117,7 @@ func FuzzLog(f *testing.F) {
 		if err := os.WriteFile(name, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		if img, err := formats.Open(name, formats.OpenOptions{Format: "vhdx", ReadOnly: true}); err == nil {
+		if img, err := formats.Open(name, formats.OpenOptions{Format: "vhdx", ReadOnly: true, NoBacking: true}); err == nil {
 			img.Close()
 		}
 	})

@@ -234,7 +234,7 @@ type logSequence struct {
 	last        logEntryHeader
 }
 
-// search is vhdx_log_search: from every sector of the log, follow the
+// searchLog is vhdx_log_search: from every sector of the log, follow the
 // valid entries; the run whose first entry has the highest sequence
 // number wins. Like QEMU, the second entry of a run may have any
 // sequence number; only later ones must count up.
@@ -278,7 +278,7 @@ func (img *Image) searchLog() (logSequence, error) {
 
 // openLog is vhdx_parse_log: check the log fields, and replay a log
 // that holds a valid sequence, which needs a writable image.
-func (img *Image) openLog(check bool) error {
+func (img *Image) openLog() error {
 	name := img.f.Name()
 	h := img.headers[img.cur]
 	img.log = logState{offset: h.LogOffset, length: uint64(h.LogLength)}

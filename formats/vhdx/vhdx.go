@@ -6,8 +6,8 @@
 // log left to replay is replayed on a read-write open and refused
 // read-only, with QEMU's message.
 //
-// Differencing images (has_parent) are refused as QEMU refuses them.
-// Images with 4096-byte logical sectors (made by Hyper-V) are read and
+// Differencing images (has_parent), which QEMU refuses, are read and
+// written too, with their parent as the backing image. Images with 4096-byte logical sectors (made by Hyper-V) are read and
 // written, which QEMU 7.2 refuses ("Operation not supported").
 package vhdx
 
@@ -63,6 +63,11 @@ type Image struct {
 	logReplayed bool
 	// sessionGUID is the file write GUID of this open's header updates.
 	sessionGUID guid
+	// hasParent: a differencing image; parentPath is its parent as the
+	// locator names it, parent the open parent (nil when not opened).
+	hasParent  bool
+	parentPath string
+	parent     formats.Image
 
 	// allocMu serialises block allocation (file growth, data write,
 	// log write and BAT update) so that two writers never allocate the
@@ -89,6 +94,7 @@ var (
 	_ formats.Zeroer    = (*Image)(nil)
 	_ formats.Describer = (*Image)(nil)
 	_ formats.Checker   = (*Image)(nil)
+	_ formats.Backed    = (*Image)(nil)
 )
 
 // openError is a failure to open an image as QEMU reports one that has
@@ -143,7 +149,7 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 	}
 	h := img.headers[img.cur]
 	img.regions = append(img.regions, span{h.LogOffset, h.LogOffset + uint64(h.LogLength)})
-	if err := img.openLog(o.Check); err != nil {
+	if err := img.openLog(); err != nil {
 		return nil, err
 	}
 	bat, meta, err := img.readRegionTable()
@@ -158,6 +164,11 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 	}
 	if !o.Check {
 		if _, err := img.checkBAT(img.warnf, false); err != nil {
+			return nil, err
+		}
+	}
+	if img.hasParent && !o.NoBacking {
+		if img.parent, err = formats.OpenBacking(name, img.parentPath, "vhdx", o); err != nil {
 			return nil, err
 		}
 	}
@@ -352,10 +363,22 @@ func (img *Image) readMetadata(region regionEntry) error {
 	le := binary.LittleEndian
 	blockSize, bits := le.Uint32(params), le.Uint32(params[4:])
 	if bits&paramHasParent != 0 {
-		if present&metaParentLocator != 0 {
-			return unsupported(name, "differencing images are not supported")
+		if present&metaParentLocator == 0 {
+			return invalid(name, "has_parent without a parent locator")
 		}
-		return invalid(name, "has_parent without a parent locator")
+		loc := entries[metaParentLocator]
+		if loc.Length > maxLocatorLen {
+			return invalid(name, "parent locator of %d bytes", loc.Length)
+		}
+		b, err := item(metaParentLocator, int(loc.Length))
+		if err != nil {
+			return err
+		}
+		kv, ok := parseLocator(b)
+		if !ok || parentName(kv) == "" {
+			return invalid(name, "parent locator unreadable or without a path")
+		}
+		img.hasParent, img.parentPath = true, parentName(kv)
 	}
 	vs, err := item(metaVirtualSize, 8)
 	if err != nil {
@@ -405,6 +428,11 @@ const maxBATBytes = 512*miB + 4*kiB
 func (img *Image) readBAT(region regionEntry) error {
 	name := img.f.Name()
 	img.batEntries = batEntryCount(img.size, img.blockSize, img.chunkRatio)
+	if img.hasParent {
+		// Every chunk has its sector bitmap entry.
+		blocks := (img.size + img.blockSize - 1) / img.blockSize
+		img.batEntries = (blocks + img.chunkRatio - 1) / img.chunkRatio * (img.chunkRatio + 1)
+	}
 	img.batOffset = int64(region.FileOffset)
 	if img.batEntries > int64(region.Length)/8 {
 		return invalid(name, "BAT region of %d bytes too small for %d entries", region.Length, img.batEntries)
@@ -505,11 +533,14 @@ func (img *Image) Flush() error {
 	return img.f.Sync()
 }
 
-// Close flushes and closes the file.
+// Close flushes and closes the file and the parent.
 func (img *Image) Close() error {
 	err := img.Flush()
 	if cerr := img.f.Close(); err == nil {
 		err = cerr
+	}
+	if img.parent != nil {
+		img.parent.Close()
 	}
 	return err
 }
@@ -530,17 +561,8 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	for done := 0; done < n; {
 		pos := off + int64(done)
 		chunk := int(min(int64(n-done), img.blockSize-pos%img.blockSize))
-		state, host, err := img.lookup(pos)
-		if err != nil {
+		if err := img.readBlock(p[done:done+chunk], pos); err != nil {
 			return done, err
-		}
-		buf := p[done : done+chunk]
-		if state == blockFullyPresent {
-			if _, err := img.f.ReadAt(buf, host); err != nil {
-				return done, err
-			}
-		} else {
-			clear(buf)
 		}
 		done += chunk
 	}
@@ -550,28 +572,58 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	return n, nil
 }
 
+// readBlock reads p at guest offset pos, inside one block.
+func (img *Image) readBlock(p []byte, pos int64) error {
+	state, host, err := img.lookup(pos)
+	if err != nil {
+		return err
+	}
+	switch {
+	case state == blockFullyPresent:
+		_, err := img.f.ReadAt(p, host)
+		return err
+	case state == blockPartiallyPresent:
+		return img.sectorRuns(pos, int64(len(p)), func(at, n int64, present bool) error {
+			buf := p[at-pos : at-pos+n]
+			if present {
+				_, err := img.f.ReadAt(buf, host+at-pos)
+				return err
+			}
+			return img.readParent(buf, at)
+		})
+	case img.hasParent && state != blockZero:
+		return img.readParent(p, pos)
+	}
+	clear(p)
+	return nil
+}
+
 // lookup returns the state of the block holding guest offset pos and,
-// for a fully present block, the host offset of pos. States QEMU cannot
-// read (partially present without a parent, unknown values) are EIO.
+// for a fully or partially present block, the host offset of pos.
+// States QEMU cannot read (partially present without a parent, unknown
+// values) are EIO.
 func (img *Image) lookup(pos int64) (state int, host int64, err error) {
 	idx := img.batIndex(pos / img.blockSize)
 	img.mu.Lock()
 	e := img.bat[idx]
 	img.mu.Unlock()
-	switch state := int(e & batStateMask); state {
-	case blockNotPresent, blockUndefined, blockZero, blockUnmapped, blockUnmappedV095:
-		return state, 0, nil
-	case blockFullyPresent:
+	switch state := int(e & batStateMask); {
+	case state == blockFullyPresent || state == blockPartiallyPresent && img.hasParent:
 		return state, int64(e&batOffsetMask) + pos%img.blockSize, nil
+	case state == blockNotPresent, state == blockUndefined, state == blockZero,
+		state == blockUnmapped, state == blockUnmappedV095:
+		return state, 0, nil
 	default:
 		return state, 0, fmt.Errorf("%s: block at guest offset %d in state %d: %w", img.f.Name(), pos, state, errIO)
 	}
 }
 
-// BlockStatus reports the whole range as data of this layer. QEMU's
-// vhdx driver has no block status and the generic answer is "data,
-// allocated" for everything, which qemu-img map prints; imgfs gives the
-// same so that map and info agree byte for byte.
+// BlockStatus reports the whole range of an image without parent as
+// data of this layer. QEMU's vhdx driver has no block status and the
+// generic answer is "data, allocated" for everything, which qemu-img map
+// prints; imgfs gives the same so that map and info agree byte for byte.
+// In a differencing image, which QEMU cannot open, blocks the parent
+// supplies are not allocated here, so that the chain walk reaches it.
 func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 	if off < 0 || length < 0 {
 		return formats.Extent{}, fmt.Errorf("block status of %d bytes at offset %d: %w", length, off, errIO)
@@ -580,5 +632,50 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 	if length == 0 {
 		return formats.Extent{}, nil
 	}
-	return formats.Extent{Length: length, Status: formats.StatusData}, nil
+	if !img.hasParent {
+		return formats.Extent{Length: length, Status: formats.StatusData}, nil
+	}
+	var ext formats.Extent
+	for pos := off; pos < off+length; {
+		n := min(off+length-pos, img.blockSize-pos%img.blockSize)
+		state, host, err := img.lookup(pos)
+		if err != nil {
+			return formats.Extent{}, err
+		}
+		e := formats.Extent{Length: n}
+		switch state {
+		case blockFullyPresent:
+			e.Status, e.Offset, e.File = formats.StatusData|formats.StatusOffsetValid, host, img.f.Name()
+		case blockZero:
+			e.Status = formats.StatusZero
+		case blockPartiallyPresent:
+			// The run of sectors at pos with pos's bit.
+			first := true
+			err := img.sectorRuns(pos, n, func(at, k int64, present bool) error {
+				if first {
+					first, e.Length = false, k
+					if present {
+						e.Status, e.Offset, e.File = formats.StatusData|formats.StatusOffsetValid, host, img.f.Name()
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				return formats.Extent{}, err
+			}
+		}
+		switch {
+		case pos == off:
+			ext = e
+		case e.Status != ext.Status || e.Status&formats.StatusOffsetValid != 0 && e.Offset != ext.Offset+ext.Length:
+			return ext, nil
+		default:
+			ext.Length += e.Length
+		}
+		if e.Length < n {
+			return ext, nil
+		}
+		pos += n
+	}
+	return ext, nil
 }

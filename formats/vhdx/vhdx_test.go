@@ -29,7 +29,7 @@ func TestConformance(t *testing.T) {
 	for _, opts := range []string{
 		"subformat=dynamic,block_size=1M",
 		"subformat=fixed,block_size=1M",
-		"subformat=dynamic,block_state_zero=off,block_size=1M",
+		"subformat=fixed,block_state_zero=off,block_size=1M",
 	} {
 		t.Run(opts, func(t *testing.T) {
 			created := formatstest.Created("vhdx", opts)

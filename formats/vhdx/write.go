@@ -137,7 +137,7 @@ func (img *Image) allocate(todo []pending) error {
 	}
 	end = (end + miB - 1) &^ (miB - 1)
 	newBlocks := map[int64]int64{} // block -> host offset
-	var order []int64
+	var order, inherit []int64
 	for _, t := range todo {
 		// Another writer may have allocated the block meanwhile.
 		state, host, err := img.lookup(t.pos)
@@ -154,6 +154,9 @@ func (img *Image) allocate(todo []pending) error {
 			newBlocks[t.block] = end
 			order = append(order, t.block)
 			end += img.blockSize
+			if img.hasParent && state != blockZero {
+				inherit = append(inherit, t.block)
+			}
 		}
 	}
 	if len(order) == 0 {
@@ -161,6 +164,13 @@ func (img *Image) allocate(todo []pending) error {
 	}
 	if err := img.f.Truncate(end); err != nil {
 		return fmt.Errorf("%s: could not grow the file: %w", img.f.Name(), err)
+	}
+	// A block of a differencing image keeps what it read so far (from
+	// the parent or, partially present, from both).
+	for _, b := range inherit {
+		if err := img.copyBlock(b, newBlocks[b]); err != nil {
+			return err
+		}
 	}
 	for _, t := range todo {
 		if host, ok := newBlocks[t.block]; ok {
@@ -179,6 +189,24 @@ func (img *Image) allocate(todo []pending) error {
 	img.mu.Lock()
 	defer img.mu.Unlock()
 	return img.writeBAT(updates)
+}
+
+// copyBlock writes the current content of block b (as the BAT still
+// describes it) to host offset dst, in pieces of at most zeroChunk.
+func (img *Image) copyBlock(b, dst int64) error {
+	start := b * img.blockSize
+	end := min(start+img.blockSize, img.size)
+	buf := make([]byte, min(end-start, zeroChunk))
+	for pos := start; pos < end; pos += int64(len(buf)) {
+		piece := buf[:min(int64(len(buf)), end-pos)]
+		if err := img.readBlock(piece, pos); err != nil {
+			return err
+		}
+		if _, err := img.f.WriteAt(piece, dst+pos-start); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // maxLogDataSectors bounds one log entry's BAT sectors (each maps 512
@@ -353,7 +381,7 @@ func writeZeroes(f *formats.File, off, n int64) error {
 }
 
 // WriteZeroes makes a range read as zeroes. Blocks without data already
-// do; allocated blocks get zeroes written (QEMU writes zero buffers, as
+// do, unless a parent supplies them; allocated blocks get zeroes written (QEMU writes zero buffers, as
 // its vhdx driver has no zero-write of its own, and allocates blocks to
 // hold them; imgfs does not need to).
 func (img *Image) WriteZeroes(off, length int64, mayUnmap bool) error {
@@ -375,8 +403,14 @@ func (img *Image) WriteZeroes(off, length int64, mayUnmap bool) error {
 		if err != nil {
 			return err
 		}
-		if state == blockFullyPresent {
+		switch {
+		case state == blockFullyPresent:
 			if err := writeZeroes(img.f, host, n); err != nil {
+				return err
+			}
+		case img.hasParent && state != blockZero:
+			// The range reads from the parent until a block holds it.
+			if _, err := img.WriteAt(make([]byte, n), pos); err != nil {
 				return err
 			}
 		}

@@ -36,7 +36,8 @@ const (
 	maxGrainSectors  = 0x200000
 	maxL1Entries     = 32 << 20
 	maxExtentSectors = 1 << 32 // grain offsets are 32-bit sector numbers
-	maxNesting       = 8       // descriptors inside sparse extents, recursively
+	maxNesting       = 4       // descriptors inside sparse extents, recursively
+	maxExtentFiles   = 4096    // extent files one image may open
 
 	markerEOS    = 0
 	markerFooter = 3

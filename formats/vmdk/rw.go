@@ -251,6 +251,9 @@ func (img *Image) zeroGrain(e *extent, inExt int64) (bool, error) {
 	return true, img.updateCID()
 }
 
+// maxMerge bounds the grains one BlockStatus call looks at.
+const maxMerge = 1 << 14
+
 // BlockStatus describes the grains from off (vmdk_co_block_status):
 // unallocated, zeroed, data at a host offset, or compressed data.
 // Consecutive grains of one kind (and, for data, contiguous in the file)
@@ -279,8 +282,9 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 		span := e.l1EntrySectors*sectorSize - inExt%(e.l1EntrySectors*sectorSize)
 		n = min(length, span, e.sectors*sectorSize-inExt)
 	}
-	// Merge following grains of the same extent while they match.
-	for n < length && e.kind != kindFlat && !(state == grainData && e.compressed) {
+	// Merge following grains of the same extent while they match, up to
+	// a bounded number of lookups so that one call stays short.
+	for i := 0; i < maxMerge && n < length && e.kind != kindFlat && !(state == grainData && e.compressed); i++ {
 		st, h, w2, err := e.lookup(inExt + n)
 		if err != nil || st != state || state == grainData && h != host+inGrain+n {
 			break

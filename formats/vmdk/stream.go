@@ -63,15 +63,17 @@ func inflate(src []byte, max int) ([]byte, error) {
 		}
 	}
 	defer zlibReaders.Put(r)
-	out := make([]byte, max+1)
-	n, err := io.ReadFull(r, out)
+	// The output grows with what the stream holds rather than being
+	// sized by the header's grain size.
+	var out bytes.Buffer
+	n, err := io.CopyN(&out, r, int64(max)+1)
 	switch {
-	case err == nil:
+	case n > int64(max):
 		return nil, fmt.Errorf("grain inflates to more than %d bytes", max)
-	case err != io.ErrUnexpectedEOF && err != io.EOF:
+	case err != io.EOF:
 		return nil, err
 	}
-	return out[:n], nil
+	return out.Bytes(), nil
 }
 
 // readCompressed reads and inflates the grain stored at host byte
@@ -79,7 +81,12 @@ func inflate(src []byte, max int) ([]byte, error) {
 // worth of compressed data.
 func (e *extent) readCompressed(host int64) ([]byte, error) {
 	gb := e.grainBytes()
-	buf := make([]byte, 2*gb)
+	size, err := e.f.Size()
+	if err != nil {
+		return nil, err
+	}
+	// Two grains' worth at most, and no more than the file holds.
+	buf := make([]byte, max(min(2*gb, size-host), grainMarkerSize))
 	if _, err := e.f.ReadAt(buf, host); err != nil {
 		return nil, err
 	}

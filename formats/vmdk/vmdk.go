@@ -78,6 +78,9 @@ type opener struct {
 	img   *Image
 	o     *formats.OpenOptions
 	depth int
+	// files counts the extent files opened, against descriptors that
+	// name (themselves) too many times.
+	files int
 }
 
 func open(f *formats.File, o *formats.OpenOptions) (formats.Image, error) {
@@ -187,6 +190,9 @@ func (op *opener) openDescriptor(desc string, holder *formats.File) error {
 			path = name[:strings.LastIndexByte(name, '/')+1] + path
 		}
 		flat := l.typ == "FLAT" || l.typ == "VMFS"
+		if op.files++; op.files > maxExtentFiles {
+			return formats.Errorf(formats.ErrUnsupported, "%s: more than %d extents", img.file.Name(), maxExtentFiles)
+		}
 		f, err := op.openExtentFile(path, flat)
 		if err != nil {
 			return err
