@@ -218,7 +218,13 @@ func init() {
 			if err != nil {
 				return err
 			}
+			// A header, so that probing runs: QEMU takes an empty file
+			// for raw without asking the drivers.
+			_, err = f.WriteAt([]byte("memtest\n"), 0)
 			f.Close()
+			if err != nil {
+				return err
+			}
 			img := newMemImage(filename, int64(size))
 			img.unit = memCluster
 			if b := opts.String("backing_file"); b != "" {
