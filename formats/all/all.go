@@ -3,6 +3,7 @@
 package all
 
 import (
+	_ "github.com/imgfs/imgfs/formats/parallels"
 	_ "github.com/imgfs/imgfs/formats/qcow2"
 	_ "github.com/imgfs/imgfs/formats/raw"
 	_ "github.com/imgfs/imgfs/formats/vdi"

@@ -56,12 +56,24 @@ func createImage(t testing.TB, name, opts string) error {
 
 func openImage(t testing.TB, name string, readOnly bool) formats.Image {
 	t.Helper()
-	img, err := formats.Open(name, formats.OpenOptions{Format: "vdi", ReadOnly: readOnly})
+	img, err := openRetry(name, formats.OpenOptions{Format: "vdi", ReadOnly: readOnly})
 	if err != nil {
 		t.Fatalf("open %s: %v", name, err)
 	}
 	t.Cleanup(func() { img.Close() })
 	return img
+}
+
+// openRetry is formats.Open, retrying the lock conflicts a forked child
+// of a parallel test can briefly cause by sharing our open files.
+func openRetry(name string, o formats.OpenOptions) (formats.Image, error) {
+	for try := 0; ; try++ {
+		img, err := formats.Open(name, o)
+		if err == nil || !strings.Contains(err.Error(), "Failed to get") || try == 50 {
+			return img, err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // readAll reads the whole guest content.
@@ -104,7 +116,7 @@ func firstDiff(a, b []byte) int {
 func compareReports(t *testing.T, name string) {
 	t.Helper()
 	open := func(filename, format string) (formats.Image, error) {
-		return formats.Open(filename, formats.OpenOptions{Format: format, ReadOnly: true, NoIO: true})
+		return openRetry(filename, formats.OpenOptions{Format: format, ReadOnly: true, NoIO: true})
 	}
 	info, err := control.Info(control.InfoOptions{Filename: name, Format: "vdi", Open: open})
 	if err != nil {

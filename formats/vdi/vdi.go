@@ -59,7 +59,7 @@ var (
 )
 
 // open is vdi_open: check the header and load the block map.
-func open(f *formats.File, o *formats.OpenOptions) (formats.Image, error) {
+func open(f *formats.File, _ *formats.OpenOptions) (formats.Image, error) {
 	img, err := load(f)
 	if err != nil {
 		f.Close()

@@ -221,7 +221,7 @@ func TestOpenErrors(t *testing.T) {
 			if err == nil {
 				t.Fatalf("qemu-img opens the damaged image:\n%s", out)
 			}
-			_, ours := formats.Open(name, formats.OpenOptions{Format: "vdi", ReadOnly: true})
+			_, ours := openRetry(name, formats.OpenOptions{Format: "vdi", ReadOnly: true})
 			if ours == nil {
 				t.Fatal("we open the damaged image")
 			}

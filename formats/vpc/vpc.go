@@ -72,7 +72,7 @@ var (
 // open is vpc_open: find the footer (at the start for dynamic disks, at
 // the end for fixed ones), verify its checksum, size the disk and, for
 // dynamic disks, load the BAT.
-func open(f *formats.File, o *formats.OpenOptions) (formats.Image, error) {
+func open(f *formats.File, _ *formats.OpenOptions) (formats.Image, error) {
 	img, err := load(f)
 	if err != nil {
 		f.Close()
