@@ -70,6 +70,9 @@ type ConvertOptions struct {
 	TargetFormat string
 	// Options is the -o list, several -o joined by ','.
 	Options string
+	// Secrets holds the --object secrets by id, for options that name
+	// one (luks' key-secret).
+	Secrets map[string][]byte
 	// SkipCreate is -n: the target exists and OpenTarget opens it.
 	SkipCreate bool
 	// OpenTarget opens the target once it exists; direct asks for
@@ -224,6 +227,7 @@ func newConverter(o *ConvertOptions) (*converter, error) {
 			return nil, fmt.Errorf("Format driver '%s' does not support image creation", format)
 		}
 		c.create = formats.NewOptions(c.driver.CreateSpecs())
+		c.create.Secrets = o.Secrets
 		if err := c.create.Parse(o.Options); err != nil {
 			return nil, err
 		}

@@ -283,3 +283,10 @@ type Snapshotter interface {
 // bitmap messages: "#block" and a counter that depends on QEMU's
 // internals (126 for a plain qcow2 image opened by qemu-img bitmap).
 const QEMUNodeName = "#block126"
+
+// Amender changes the format options of an existing image in place
+// (qemu-img amend). opts holds values for the driver's AmendOptions;
+// force is --force.
+type Amender interface {
+	Amend(opts *Options, force bool) error
+}

@@ -44,7 +44,8 @@ func joinOptions(c *cli.Context) (string, error) {
 }
 
 func runCreate(c *cli.Context) error {
-	if _, err := newOpener(c); err != nil {
+	op, err := newOpener(c)
+	if err != nil {
 		return err
 	}
 	options, err := joinOptions(c)
@@ -85,12 +86,14 @@ func runCreate(c *cli.Context) error {
 		BackingFormat: c.String("F"),
 		NoBackingOpen: c.Bool("u"),
 		Options:       options,
+		Secrets:       op.secrets,
 	})
 	if err != nil {
 		return createError(c, filename, err)
 	}
 	if !c.Bool("q") {
 		fmt.Fprintln(c.App.Writer, plan.String())
+		flush(c.App.Writer) // bdrv_img_create's fflush: the line precedes any error
 	}
 	if err := plan.Run(); err != nil {
 		return createError(c, filename, err)

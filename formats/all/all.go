@@ -3,6 +3,9 @@
 package all
 
 import (
+	_ "github.com/imgfs/imgfs/formats/bochs"
+	_ "github.com/imgfs/imgfs/formats/cloop"
+	_ "github.com/imgfs/imgfs/formats/dmg"
 	_ "github.com/imgfs/imgfs/formats/parallels"
 	_ "github.com/imgfs/imgfs/formats/qcow2"
 	_ "github.com/imgfs/imgfs/formats/raw"

@@ -82,7 +82,7 @@ func create(filename string, opts *formats.Options) error {
 	if hwVersion == "undefined" {
 		hwVersion = "4"
 	}
-	if toolsVersion == "" && !opts.Has("toolsversion") {
+	if !opts.Has("toolsversion") {
 		toolsVersion = "2147483647"
 	}
 	heads := 16

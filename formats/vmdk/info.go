@@ -36,9 +36,12 @@ func (img *Image) Describe() (*formats.Description, error) {
 		}
 		exts[i] = o
 	}
+	img.mu.Lock()
+	cid := img.cid // a first write changes it
+	img.mu.Unlock()
 	d.FormatSpecific = &formats.Specific{Type: "vmdk", Data: formats.Object{
 		{Key: "create-type", Value: img.createType},
-		{Key: "cid", Value: int64(img.cid)},
+		{Key: "cid", Value: int64(cid)},
 		{Key: "parent-cid", Value: int64(img.parentCID)},
 		{Key: "extents", Value: exts},
 	}}

@@ -17,8 +17,15 @@ func (img *Image) findExtent(off int64) *extent {
 	return nil
 }
 
-// chunk is the part of a request inside one grain: the extent, the
-// offset in the extent, and the offset in the grain.
+// chunk is the part of a request inside one grain of one extent: the
+// extent, the offset in the extent, the offset in the grain and the
+// length. QEMU ends a chunk at the end of its grain only, so when a
+// sparse extent's size is not a whole number of grains its last grain
+// also takes bytes of the next extent's range, but only for requests
+// that start before the boundary; that makes what a byte reads depend
+// on how it is asked for, so here chunks end at the extent too (as
+// VMware's specification has it). qemu-img and VMware make extents of
+// whole grains, where the two agree.
 func (img *Image) chunk(pos, remaining int64) (*extent, int64, int64, int64, error) {
 	e := img.findExtent(pos)
 	if e == nil {
@@ -26,7 +33,7 @@ func (img *Image) chunk(pos, remaining int64) (*extent, int64, int64, int64, err
 	}
 	inExt := pos - e.start
 	inGrain := inExt % e.grainBytes()
-	n := min(remaining, e.grainBytes()-inGrain, e.start+e.sectors*sectorSize-pos)
+	n := min(remaining, e.grainBytes()-inGrain, e.sectors*sectorSize-inExt)
 	return e, inExt, inGrain, n, nil
 }
 
@@ -277,24 +284,22 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 	if err != nil {
 		return formats.Extent{}, err
 	}
+	span := e.l1EntrySectors * sectorSize
 	if state == grainUnalloc && w.gtSector == 0 && e.kind != kindFlat {
 		// No grain table: the rest of its span is unallocated.
-		span := e.l1EntrySectors*sectorSize - inExt%(e.l1EntrySectors*sectorSize)
-		n = min(length, span, e.sectors*sectorSize-inExt)
+		n = min(length, span-inExt%span, e.sectors*sectorSize-inExt)
 	}
 	// Merge following grains of the same extent while they match, up to
 	// a bounded number of lookups so that one call stays short.
-	for i := 0; i < maxMerge && n < length && e.kind != kindFlat && !(state == grainData && e.compressed); i++ {
+	for i := 0; i < maxMerge && n < length && inExt+n < e.sectors*sectorSize && e.kind != kindFlat &&
+		!(state == grainData && e.compressed); i++ {
 		st, h, w2, err := e.lookup(inExt + n)
 		if err != nil || st != state || state == grainData && h != host+inGrain+n {
 			break
 		}
 		step := min(length-n, e.grainBytes(), e.sectors*sectorSize-inExt-n)
 		if st == grainUnalloc && w2.gtSector == 0 {
-			step = min(length-n, e.l1EntrySectors*sectorSize-(inExt+n)%(e.l1EntrySectors*sectorSize), e.sectors*sectorSize-inExt-n)
-		}
-		if step <= 0 {
-			break
+			step = min(length-n, span-(inExt+n)%span, e.sectors*sectorSize-inExt-n)
 		}
 		n += step
 	}

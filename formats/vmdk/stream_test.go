@@ -2,6 +2,7 @@ package vmdk_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -83,5 +84,48 @@ func TestCompressToSparse(t *testing.T) {
 	}
 	if n := cw.CompressionUnit(); n != 65536 {
 		t.Errorf("CompressionUnit = %d", n)
+	}
+}
+
+// TestStreamFooter reads a stream-optimized image in VMware's layout,
+// with the grain directory given by a footer at the end of the file (the
+// header says "at end"), as qemu-img reads it.
+func TestStreamFooter(t *testing.T) {
+	needQemu(t)
+	dir := t.TempDir()
+	data := append(pattern(3*65536, 9), make([]byte, 65536+512)...)
+	if err := os.WriteFile(filepath.Join(dir, "src.raw"), data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run(t, dir, "qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "src.raw", "s.vmdk")
+	b, err := os.ReadFile(filepath.Join(dir, "s.vmdk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	footer := make([]byte, 3*512)
+	binary.LittleEndian.PutUint32(footer[12:], 3) // footer marker
+	copy(footer[512:], b[:512])                   // the header, with the real directory offset
+	for i := 56; i < 64; i++ {
+		b[i] = 0xff // the header's directory offset: "in the footer"
+	}
+	b = append(b, footer...)
+	if err := os.WriteFile(filepath.Join(dir, "s.vmdk"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	name := filepath.Join(dir, "s.vmdk")
+	got := readAll(t, name)
+	if want := qemuRaw(t, dir, "s.vmdk"); !bytes.Equal(got, want) || !bytes.Equal(got, data) {
+		t.Errorf("footer image reads differently from qemu-img (or the source)")
+	}
+	compareInfo(t, dir, "s.vmdk")
+	compareMap(t, dir, "s.vmdk")
+	// A broken footer is refused, as QEMU refuses it.
+	b[len(b)-3*512+12] = 2
+	os.WriteFile(name, b, 0o644)
+	if img, err := formats.Open(name, formats.OpenOptions{Format: "vmdk", ReadOnly: true}); err == nil {
+		img.Close()
+		t.Errorf("opened an image with an invalid footer")
+	} else if err.Error() != "Invalid footer" {
+		t.Errorf("invalid footer: %v", err)
 	}
 }

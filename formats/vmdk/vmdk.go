@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"path/filepath"
 	"strings"
@@ -53,7 +54,7 @@ type Image struct {
 	descOffset     int64 // where the descriptor text starts in file
 
 	// mu guards the grain tables (cache and on-disk updates), grain
-	// allocation (extent.nextSector), cidUpdated and cidChecked.
+	// allocation (extent.nextSector), cid, cidUpdated and cidChecked.
 	// Reads and writes of allocated grains run outside it.
 	mu         sync.Mutex
 	cidUpdated bool // the CID was changed by the first write of this open
@@ -101,16 +102,19 @@ func (op *opener) openImage() error {
 	}
 	switch string(buf[:4]) {
 	case magicCOWD, magicKDMV:
-		if err := op.openSparse(img.file, buf, ""); err != nil {
+		if err := op.openSparse(img.file, buf); err != nil {
 			return err
 		}
 		img.descOffset = 0x200
 	default:
-		if err := op.openDescriptor(cString(buf), img.file); err != nil {
+		if err := op.openDescriptor(cString(buf)); err != nil {
 			return err
 		}
 	}
 	for _, e := range img.extents {
+		if e.sectors > (math.MaxInt64-img.size)/sectorSize {
+			return formats.Errorf(formats.ErrCorrupt, "%s: extents add up to more than 2^63 bytes", img.file.Name())
+		}
 		e.start = img.size
 		img.size += e.sectors * sectorSize
 	}
@@ -168,8 +172,9 @@ func readDesc(f *formats.File, off int64) ([]byte, error) {
 
 // openDescriptor is vmdk_open_desc_file: check the createType, then
 // open every extent the descriptor names, relative to the directory of
-// the file holding the descriptor.
-func (op *opener) openDescriptor(desc string, holder *formats.File) error {
+// the image file (also for a descriptor inside a sparse extent, as in
+// QEMU).
+func (op *opener) openDescriptor(desc string) error {
 	img := op.img
 	ct, ok := parseQuoted(desc, "createType", 128)
 	if !ok {
@@ -186,7 +191,7 @@ func (op *opener) openDescriptor(desc string, holder *formats.File) error {
 	for _, l := range lines {
 		path := l.filename
 		if !filepath.IsAbs(path) {
-			name := holder.Name()
+			name := img.file.Name()
 			path = name[:strings.LastIndexByte(name, '/')+1] + path
 		}
 		flat := l.typ == "FLAT" || l.typ == "VMFS"
@@ -200,13 +205,17 @@ func (op *opener) openDescriptor(desc string, holder *formats.File) error {
 		n := len(img.extents)
 		switch l.typ {
 		case "FLAT", "VMFS":
+			if l.offset > math.MaxInt64/sectorSize {
+				f.Close()
+				return formats.Errorf(formats.ErrCorrupt, "%s: extent offset %d out of range", img.file.Name(), l.offset)
+			}
 			e := &extent{f: f, own: true, kind: kindFlat, sectors: l.sectors,
 				flatOffset: l.offset * sectorSize, grainSectors: l.sectors}
 			img.extents = append(img.extents, e)
 		case "SPARSE", "VMFSSPARSE":
 			buf, err := readDesc(f, 0)
 			if err == nil {
-				err = op.openSparse(f, buf, l.typ)
+				err = op.openSparse(f, buf)
 			}
 			if err != nil {
 				f.Close()
@@ -242,7 +251,7 @@ func (op *opener) openExtentFile(path string, flat bool) (*formats.File, error) 
 }
 
 // openSparse opens a COWD or KDMV extent whose first bytes are buf.
-func (op *opener) openSparse(f *formats.File, buf []byte, typ string) error {
+func (op *opener) openSparse(f *formats.File, buf []byte) error {
 	switch string(buf[:4]) {
 	case magicCOWD:
 		return op.openCOWD(f)
@@ -285,7 +294,7 @@ func (op *opener) openKDMV(f *formats.File) error {
 		}
 		op.depth++
 		defer func() { op.depth-- }()
-		return op.openDescriptor(cString(buf), f)
+		return op.openDescriptor(cString(buf))
 	}
 	if img.createType == "" {
 		img.createType = "monolithicSparse"
