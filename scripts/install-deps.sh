@@ -11,6 +11,13 @@ need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have qemu-img && have qemu-io || need+=(qemu-utils)
 have fusermount3 || need+=(fuse3)
+# The FUSE tests loop-mount an ext4 guest filesystem through `disk`.
+have mkfs.ext4 || need+=(e2fsprogs)
+have losetup || need+=(mount)
+# Fixtures of the read-only formats: bzip2 chunks for dmg, a cloop image
+# made by the reference tool.
+have bzip2 || need+=(bzip2)
+have create_compressed_fs || need+=(cloop-utils)
 have make || need+=(make)
 have gcc || need+=(gcc)
 [ -e /usr/include/stdlib.h ] || need+=(libc6-dev)

@@ -49,9 +49,6 @@ func (img *Image) Resize(size int64, prealloc string, shrink bool) error {
 		if prealloc != "off" {
 			return errorf(formats.ErrInvalidOption, "Preallocation can't be used for shrinking an image")
 		}
-		if len(img.snapshots) > 0 {
-			return errorf(formats.ErrUnsupported, "Can't shrink an image which has snapshots")
-		}
 		if err := img.shrink(size, newL1); err != nil {
 			return err
 		}

@@ -389,7 +389,7 @@ func (img *Image) updateSnapshotRefcount(l1 []uint64, l1Off uint64, addend int64
 
 // addSnapshotRefs adds addend (1 or -1) references to clusters [c, c+n).
 // Freed clusters are discarded (QEMU's discard-snapshot default). A
-// refcount at its maximum fails with ERANGE, as QEMU's update_refcount.
+// refcount at its maximum fails with EINVAL, as in QEMU's update_refcount.
 func (img *Image) addSnapshotRefs(c, n, addend int64) error {
 	if addend < 0 {
 		return img.freeClusters(c, n, true)
@@ -402,7 +402,7 @@ func (img *Image) addSnapshotRefs(c, n, addend int64) error {
 		}
 		if rc >= maxRef {
 			return fmt.Errorf("%s: refcount of cluster %#x is at its %d-bit maximum: %w",
-				img.file.Name(), i<<img.lay.ClusterBits, img.lay.RefcountBits, formats.ErrnoError{Err: syscall.ERANGE})
+				img.file.Name(), i<<img.lay.ClusterBits, img.lay.RefcountBits, formats.ErrnoError{Err: syscall.EINVAL})
 		}
 	}
 	return img.updateRefcounts(c, n, addend)
