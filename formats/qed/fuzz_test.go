@@ -1,0 +1,106 @@
+package qed
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/imgfs/imgfs/formats"
+)
+
+// fuzzSeeds are small images made by qemu-img and written by qemu-io
+// (4 KiB clusters keep them small): data, zero clusters and a backing
+// file name.
+func fuzzSeeds(f *testing.F) [][]byte {
+	for _, p := range []string{"qemu-img", "qemu-io"} {
+		if _, err := exec.LookPath(p); err != nil {
+			return nil
+		}
+	}
+	dir := f.TempDir()
+	var seeds [][]byte
+	for i, c := range [][]string{
+		{"create", "-q", "-f", "qed", "-o", "cluster_size=4k,table_size=2", "a.qed", "1M"},
+		{"create", "-q", "-f", "qed", "-o", "cluster_size=4k,table_size=2", "-b", "a.qed", "-F", "qed", "b.qed"},
+	} {
+		cmd := exec.Command("qemu-img", c...)
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			f.Fatalf("seed %d: %v: %s", i, err, out)
+		}
+		name := c[len(c)-1]
+		if i == 0 {
+			name = c[len(c)-2]
+		}
+		cmd = exec.Command("qemu-io", "-f", "qed", "-c", "write -P 1 0 1k", "-c", "write -z 8k 8k",
+			"-c", "write -P 2 600k 12k", name)
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			f.Fatalf("seed %d: %v: %s", i, err, out)
+		}
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			f.Fatal(err)
+		}
+		seeds = append(seeds, b)
+	}
+	return seeds
+}
+
+// FuzzOpen opens arbitrary bytes as a QED image (without its backing
+// file), checks it, walks its block status and reads it: nothing may
+// panic, hang or allocate beyond the limits.
+func FuzzOpen(f *testing.F) {
+	for _, s := range fuzzSeeds(f) {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		name := filepath.Join(t.TempDir(), "fuzz.qed")
+		if err := os.WriteFile(name, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		img, err := formats.Open(name, formats.OpenOptions{Format: "qed", ReadOnly: true, NoBacking: true})
+		if err != nil {
+			return
+		}
+		defer img.Close()
+		img.(formats.Checker).Check(t.Context(), formats.CheckReadOnly, func(string) {})
+		buf := make([]byte, 4096)
+		for off, i := int64(0), 0; off < img.Size() && i < 300; i++ {
+			e, err := img.BlockStatus(off, img.Size()-off)
+			if err != nil {
+				return
+			}
+			if e.Length <= 0 {
+				t.Fatalf("BlockStatus(%d) returned length %d", off, e.Length)
+			}
+			img.ReadAt(buf, off)
+			off += e.Length
+		}
+	})
+}
+
+// FuzzHeader checks that the header codec keeps every byte and that a
+// header that validates keeps its L1 table inside the file.
+func FuzzHeader(f *testing.F) {
+	for _, s := range fuzzSeeds(f) {
+		f.Add(s[:headerSize], int64(len(s)))
+	}
+	f.Fuzz(func(t *testing.T, data []byte, fileSize int64) {
+		if len(data) < headerSize || fileSize < 0 {
+			return
+		}
+		h := decodeHeader(data)
+		if got := h.encode(); !bytes.Equal(got, data[:headerSize]) {
+			t.Fatal("header does not round-trip")
+		}
+		if validClusterSize(uint64(h.ClusterSize)) {
+			fileSize &^= int64(h.ClusterSize) - 1 // as load rounds it
+		}
+		if h.validate(fileSize) == nil && int64(h.L1TableOffset)+h.tableBytes() > fileSize {
+			t.Fatalf("valid header with an L1 table [%#x, +%d) outside a %d-byte file", h.L1TableOffset, h.tableBytes(), fileSize)
+		}
+	})
+}
