@@ -32,6 +32,9 @@ const directAlign = 4096
 // OpenFile opens a host file. direct asks for O_DIRECT (cache modes
 // "none" and "directsync").
 func OpenFile(name string, readOnly, direct bool) (*File, error) {
+	if st, err := os.Stat(name); err == nil && st.IsDir() {
+		return nil, fmt.Errorf("'file' driver requires '%s' to be a regular file", name)
+	}
 	flag := os.O_RDWR
 	if readOnly {
 		flag = os.O_RDONLY

@@ -37,7 +37,12 @@ func qemuImgStep(args ...string) step {
 // extra goes before the file name (e.g. -b base -F qcow2). An empty size
 // takes the backing file's.
 func create(file, size, opts string, extra ...string) step {
-	args := []string{"create", "-q", "-f", "qcow2"}
+	return createFormat("qcow2", file, size, opts, extra...)
+}
+
+// createFormat is create for any format qemu-img can create.
+func createFormat(format, file, size, opts string, extra ...string) step {
+	args := []string{"create", "-q", "-f", format}
 	if opts != "" {
 		args = append(args, "-o", opts)
 	}
@@ -54,9 +59,7 @@ func overlay(file, backing, backingFmt, opts string) step {
 }
 
 // createRaw makes a sparse raw image.
-func createRaw(file, size string) step {
-	return qemuImgStep("create", "-q", "-f", "raw", file, size)
-}
+func createRaw(file, size string) step { return createFormat("raw", file, size, "") }
 
 // qemuIO runs qemu-io commands ("write -P 0x11 0 64k", "discard 0 4k",
 // ...) on file opened as format. qemu-io exits non-zero when one fails.
@@ -198,7 +201,8 @@ func (c imageCase) fmt() string {
 }
 
 // matrix is the differential matrix: every qcow2 feature qemu-img 7.2
-// writes, each image filled with a few deterministic writes.
+// writes, raw, and the variants of the other formats qemu-img creates,
+// each image filled with a few deterministic writes.
 func matrix() []imageCase {
 	const size = 4 * mib
 	plain := func(name, opts string, ops ...string) imageCase {
@@ -311,5 +315,31 @@ func matrix() []imageCase {
 			createRaw("t.raw", "4M"),
 			qemuIO("raw", "t.raw", append(fill(64*kib, size), "write -z 1M 64k")...),
 		}},
+		other("vmdk", "t.vmdk", ""),
+		other("vmdk", "t.vmdk", "subformat=monolithicFlat"),
+		other("vmdk", "t.vmdk", "subformat=twoGbMaxExtentSparse"),
+		other("vmdk", "t.vmdk", "zeroed_grain=on"),
+		{name: "vmdk-streamOptimized", image: "t.vmdk", format: "vmdk", steps: append(rawSource("src.raw"),
+			qemuImgStep("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "src.raw", "t.vmdk"))},
+		other("vdi", "t.vdi", ""),
+		other("vdi", "t.vdi", "static=on"),
+		other("vpc", "t.vhd", ""),
+		other("vpc", "t.vhd", "subformat=fixed"),
+		other("vhdx", "t.vhdx", ""),
+		other("vhdx", "t.vhdx", "subformat=fixed"),
+		other("parallels", "t.hds", ""),
 	}
+}
+
+// other is a 4 MiB image of another format that qemu-img creates, with
+// creation options opts, filled by qemu-io with data and zero writes.
+func other(format, file, opts string) imageCase {
+	name := format
+	if opts != "" {
+		name += "-" + opts
+	}
+	return imageCase{name: name, image: file, format: format, steps: []step{
+		createFormat(format, file, "4M", opts),
+		qemuIO(format, file, append(fill(64*kib, 4*mib), "write -z 1M 64k")...),
+	}}
 }
