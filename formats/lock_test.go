@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 func TestAccessPerms(t *testing.T) {
@@ -130,15 +131,9 @@ func ourOpen(t *testing.T, u lockUse, name string) string {
 // does; with imgfs holding it, qemu must fail exactly as it does against
 // itself.
 func TestLockAgainstQemu(t *testing.T) {
-	for _, p := range []string{"qemu-io", "qemu-img"} {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skip(p + " not installed")
-		}
-	}
+	formatstest.RequireQemu(t)
 	name := filepath.Join(t.TempDir(), "l.qcow2")
-	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", name, "1M").CombinedOutput(); err != nil {
-		t.Fatalf("%v: %s", err, out)
-	}
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "qcow2", name, "1M")
 	conflicts := 0
 	for _, holder := range lockUses {
 		if holder.holder == nil {

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 	_ "github.com/imgfs/imgfs/formats/raw"
 )
 
@@ -148,9 +149,7 @@ func ourCreate(name, list string) (summary, errMsg string) {
 // TestOptionsAgainstQemu parses -o lists as qemu-img create -f raw does
 // and compares the "Formatting" summary and the error messages.
 func TestOptionsAgainstQemu(t *testing.T) {
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed")
-	}
+	formatstest.RequireTools(t, "qemu-img")
 	dir := t.TempDir()
 	lists := []string{
 		"nocow=on",
@@ -269,9 +268,7 @@ func TestOptionsDefaults(t *testing.T) {
 }
 
 func TestHelpAgainstQemu(t *testing.T) {
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed")
-	}
+	formatstest.RequireTools(t, "qemu-img")
 	want, err := exec.Command("qemu-img", "create", "-f", "raw", "-o", "help", "x").Output()
 	if err != nil {
 		t.Fatal(err)

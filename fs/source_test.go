@@ -3,13 +3,13 @@ package fs
 import (
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
 	_ "github.com/imgfs/imgfs/formats/all"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 func TestIsImageFile(t *testing.T) {
@@ -37,26 +37,14 @@ func TestIsImageFile(t *testing.T) {
 	}
 }
 
-// qemuImg runs the reference qemu-img to build a fixture.
-func qemuImg(t *testing.T, dir string, args ...string) {
-	t.Helper()
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed")
-	}
-	cmd := exec.Command("qemu-img", args...)
-	cmd.Dir = dir
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img %q: %v\n%s", args, err, out)
-	}
-}
-
 func TestSource(t *testing.T) {
+	formatstest.RequireTools(t, "qemu-img")
 	dir, outside := t.TempDir(), t.TempDir()
-	qemuImg(t, dir, "create", "-q", "-f", "qcow2", "base.qcow2", "1M")
-	qemuImg(t, dir, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2")
-	qemuImg(t, dir, "create", "-q", "-f", "raw", "plain.img", "1M")
-	qemuImg(t, outside, "create", "-q", "-f", "qcow2", "far.qcow2", "1M")
-	qemuImg(t, dir, "create", "-q", "-f", "qcow2", "-b", filepath.Join(outside, "far.qcow2"), "-F", "qcow2", "escape.qcow2")
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(dir, "base.qcow2"), "1M")
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", filepath.Join(dir, "top.qcow2"))
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "raw", filepath.Join(dir, "plain.img"), "1M")
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(outside, "far.qcow2"), "1M")
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", filepath.Join(outside, "far.qcow2"), "-F", "qcow2", filepath.Join(dir, "escape.qcow2"))
 	if err := os.WriteFile(filepath.Join(dir, "notes.txt"), []byte("hello\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +96,7 @@ func TestSource(t *testing.T) {
 
 	// A removed image vanishes; an added one appears.
 	os.Remove(filepath.Join(dir, "plain.img"))
-	qemuImg(t, dir, "create", "-q", "-f", "qcow2", "new.qcow2", "1M")
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(dir, "new.qcow2"), "1M")
 	names, _ = s.list()
 	if want := []string{"base.qcow2", "escape.qcow2", "new.qcow2", "top.qcow2"}; !slices.Equal(names, want) {
 		t.Errorf("after changes list = %q, want %q", names, want)

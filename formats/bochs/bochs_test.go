@@ -4,12 +4,11 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 const format = "bochs"
@@ -69,22 +68,14 @@ func fixture(v uint32) []byte {
 		[]extent{{0x55, pattern(4096, 1)}, {0xff, pattern(4096, 2)}})
 }
 
-func writeFile(t testing.TB, b []byte) string {
-	name := filepath.Join(t.TempDir(), "img.bochs")
-	if err := os.WriteFile(name, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return name
-}
-
 func TestReadMatchesQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, v := range []uint32{version1, version2} {
-		name := writeFile(t, fixture(v))
-		img := openImage(t, name, true)
-		got, want := readAll(t, img), rawOf(t, name)
-		if len(got) != 9*1024 || !bytes.Equal(got, want) {
-			t.Fatalf("version %#x: %d bytes, differs from qemu-img at %d", v, len(got), firstDiff(got, want))
+		name := formatstest.WriteTemp(t, "img.bochs", fixture(v))
+		img := formatstest.Open(t, name, formats.OpenOptions{Format: format, ReadOnly: true})
+		want := formatstest.SameAsQemuRaw(t, img)
+		if len(want) != 9*1024 {
+			t.Fatalf("version %#x: %d bytes", v, len(want))
 		}
 		if bytes.Equal(want[8192:8704], make([]byte, 512)) || !bytes.Equal(want[8704:9216], make([]byte, 512)) {
 			t.Fatal("fixture does not exercise the sector bitmap")
@@ -93,7 +84,7 @@ func TestReadMatchesQemu(t *testing.T) {
 		if _, err := img.ReadAt(p, 300); err != nil || !bytes.Equal(p, want[300:1300]) {
 			t.Fatalf("unaligned read: %v", err)
 		}
-		compareReports(t, name)
+		formatstest.SameInfoAndMap(t, format, name)
 		if d := formats.Probe(fixture(v)[:formats.ProbeSize], name); d == nil || d.Name != format {
 			t.Fatalf("probe picked %v", d)
 		}
@@ -116,7 +107,7 @@ func TestOpenErrors(t *testing.T) {
 		{"small catalog", func(b []byte) []byte { le.PutUint64(b[88:], 1<<20); return b }, formats.ErrCorrupt, "Catalog size is too small for this disk size"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			_, err := formats.Open(writeFile(t, c.edit(fixture(version2))), formats.OpenOptions{Format: format, ReadOnly: true})
+			_, err := formats.Open(formatstest.WriteTemp(t, "img.bochs", c.edit(fixture(version2))), formats.OpenOptions{Format: format, ReadOnly: true})
 			if !errors.Is(err, c.kind) || !strings.Contains(err.Error(), c.msg) {
 				t.Fatalf("got %v, want %v with %q", err, c.kind, c.msg)
 			}
@@ -127,15 +118,5 @@ func TestOpenErrors(t *testing.T) {
 func FuzzOpen(f *testing.F) {
 	f.Add(fixture(version1))
 	f.Add(fixture(version2))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		img, err := formats.Open(writeFile(t, b), formats.OpenOptions{Format: format, ReadOnly: true})
-		if err != nil {
-			return
-		}
-		defer img.Close()
-		p := make([]byte, 64<<10)
-		img.ReadAt(p, 0)
-		img.ReadAt(p, max(img.Size()-1000, 0))
-		img.BlockStatus(0, img.Size())
-	})
+	f.Fuzz(func(t *testing.T, b []byte) { formatstest.ReadHostile(t, format, b) })
 }

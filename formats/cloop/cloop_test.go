@@ -6,12 +6,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 const format = "cloop"
@@ -49,31 +49,20 @@ func fixture() []byte {
 	return build(bs, [][]byte{a, make([]byte, bs), c})
 }
 
-func writeFile(t testing.TB, b []byte) string {
-	name := filepath.Join(t.TempDir(), "img.cloop")
-	if err := os.WriteFile(name, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return name
-}
-
 func TestReadMatchesQemu(t *testing.T) {
-	haveQemu(t)
-	name := writeFile(t, fixture())
-	img := openImage(t, name, true)
+	formatstest.RequireQemu(t)
+	name := formatstest.WriteTemp(t, "img.cloop", fixture())
+	img := formatstest.Open(t, name, formats.OpenOptions{Format: format, ReadOnly: true})
 	if img.Size() != 3*4096 {
 		t.Fatalf("size %d", img.Size())
 	}
-	got, want := readAll(t, img), rawOf(t, name)
-	if d := firstDiff(got, want); d >= 0 {
-		t.Fatalf("differs from qemu-img convert at %d", d)
-	}
+	want := formatstest.SameAsQemuRaw(t, img)
 	// Unaligned reads across blocks.
 	p := make([]byte, 5000)
 	if _, err := img.ReadAt(p, 3000); err != nil || !bytes.Equal(p, want[3000:8000]) {
 		t.Fatalf("unaligned read: %v", err)
 	}
-	compareReports(t, name)
+	formatstest.SameInfoAndMap(t, format, name)
 	if d := formats.Probe(fixture()[:formats.ProbeSize], name); d == nil || d.Name != format {
 		t.Fatalf("probe picked %v", d)
 	}
@@ -96,7 +85,7 @@ func TestOpenErrors(t *testing.T) {
 		{"huge block", func(b []byte) []byte { binary.BigEndian.PutUint64(b[136+24:], 1<<40); return b }, formats.ErrCorrupt, "invalid compressed block size at index 3, image file is corrupt"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			_, err := formats.Open(writeFile(t, c.edit(fixture())), formats.OpenOptions{Format: format, ReadOnly: true})
+			_, err := formats.Open(formatstest.WriteTemp(t, "img.cloop", c.edit(fixture())), formats.OpenOptions{Format: format, ReadOnly: true})
 			if !errors.Is(err, c.kind) || !strings.Contains(err.Error(), c.msg) {
 				t.Fatalf("got %v, want %v with %q", err, c.kind, c.msg)
 			}
@@ -108,19 +97,19 @@ func TestOpenErrors(t *testing.T) {
 // I/O error, as in QEMU.
 func TestBadBlock(t *testing.T) {
 	b := build(512, [][]byte{make([]byte, 1024)})
-	img := openImage(t, writeFile(t, b), true)
+	img := formatstest.Open(t, formatstest.WriteTemp(t, "img.cloop", b), formats.OpenOptions{Format: format, ReadOnly: true})
 	if _, err := img.ReadAt(make([]byte, 512), 0); err == nil {
 		t.Fatal("oversized block read without error")
 	}
 	b = build(1024, [][]byte{make([]byte, 512)})
-	img = openImage(t, writeFile(t, b), true)
+	img = formatstest.Open(t, formatstest.WriteTemp(t, "img.cloop", b), formats.OpenOptions{Format: format, ReadOnly: true})
 	if _, err := img.ReadAt(make([]byte, 512), 0); err == nil {
 		t.Fatal("short block read without error")
 	}
 }
 
 func TestReadOnly(t *testing.T) {
-	name := writeFile(t, fixture())
+	name := formatstest.WriteTemp(t, "img.cloop", fixture())
 	if _, err := formats.Open(name, formats.OpenOptions{Format: format}); err == nil {
 		t.Fatal("opened read-write")
 	}
@@ -129,26 +118,14 @@ func TestReadOnly(t *testing.T) {
 func FuzzOpen(f *testing.F) {
 	f.Add(fixture())
 	f.Add(build(512, [][]byte{make([]byte, 512)}))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		img, err := formats.Open(writeFile(t, b), formats.OpenOptions{Format: format, ReadOnly: true})
-		if err != nil {
-			return
-		}
-		defer img.Close()
-		p := make([]byte, 64<<10)
-		img.ReadAt(p, 0)
-		img.ReadAt(p, max(img.Size()-1000, 0))
-		img.BlockStatus(0, img.Size())
-	})
+	f.Fuzz(func(t *testing.T, b []byte) { formatstest.ReadHostile(t, format, b) })
 }
 
 // TestCreateCompressedFS reads an image made by cloop-utils'
-// create_compressed_fs, when installed, and compares it with qemu-img.
+// create_compressed_fs and compares it with qemu-img.
 func TestCreateCompressedFS(t *testing.T) {
-	haveQemu(t)
-	if _, err := exec.LookPath("create_compressed_fs"); err != nil {
-		t.Skip("create_compressed_fs (cloop-utils) not installed")
-	}
+	formatstest.RequireQemu(t)
+	formatstest.RequireTools(t, "create_compressed_fs")
 	dir := t.TempDir()
 	in := filepath.Join(dir, "in")
 	content := append(bytes.Repeat([]byte("imgfs cloop "), 20000), make([]byte, 150000)...)
@@ -159,14 +136,11 @@ func TestCreateCompressedFS(t *testing.T) {
 		t.Fatal(err)
 	}
 	name := filepath.Join(dir, "out.cloop")
-	run(t, "create_compressed_fs", "-B", "65536", in, name)
-	img := openImage(t, name, true)
-	got, want := readAll(t, img), rawOf(t, name)
-	if d := firstDiff(got, want); d >= 0 {
-		t.Fatalf("differs from qemu-img convert at %d", d)
-	}
+	formatstest.Exec(t, "create_compressed_fs", "-B", "65536", in, name)
+	img := formatstest.Open(t, name, formats.OpenOptions{Format: format, ReadOnly: true})
+	got := formatstest.SameAsQemuRaw(t, img)
 	if !bytes.Equal(got[:len(content)], content) {
 		t.Fatal("content differs from the input")
 	}
-	compareReports(t, name)
+	formatstest.SameInfoAndMap(t, format, name)
 }

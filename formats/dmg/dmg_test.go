@@ -7,14 +7,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 const format = "dmg"
@@ -39,11 +38,12 @@ func compress(t testing.TB, typ uint32, data []byte) []byte {
 		return b.Bytes()
 	case typeBzip2:
 		// Go has no bzip2 compressor: use the bzip2 command.
+		formatstest.RequireTools(t, "bzip2")
 		cmd := exec.Command("bzip2", "-c")
 		cmd.Stdin = bytes.NewReader(data)
 		out, err := cmd.Output()
 		if err != nil {
-			t.Skipf("bzip2: %v", err)
+			t.Fatalf("bzip2: %v", err)
 		}
 		return out
 	}
@@ -167,16 +167,8 @@ func guest(pieces []piece) []byte {
 	return b
 }
 
-func writeFile(t testing.TB, b []byte) string {
-	name := filepath.Join(t.TempDir(), "img.dmg")
-	if err := os.WriteFile(name, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return name
-}
-
 func TestReadMatchesQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, c := range []struct{ rsrc, odd bool }{{false, false}, {true, false}, {false, true}} {
 		rsrc := c.rsrc
 		b := build(t, fixturePieces(), rsrc)
@@ -186,20 +178,17 @@ func TestReadMatchesQemu(t *testing.T) {
 			k := len(b) - kolySize
 			b = append(b[:k:k], append(make([]byte, 37), b[k:]...)...)
 		}
-		name := writeFile(t, b)
-		img := openImage(t, name, true)
-		got, want := readAll(t, img), rawOf(t, name)
+		name := formatstest.WriteTemp(t, "img.dmg", b)
+		img := formatstest.Open(t, name, formats.OpenOptions{Format: format, ReadOnly: true})
+		want := formatstest.SameAsQemuRaw(t, img)
 		if !bytes.Equal(want, guest(fixturePieces())) {
 			t.Fatal("qemu-img does not read the fixture as built")
-		}
-		if d := firstDiff(got, want); d >= 0 {
-			t.Fatalf("rsrc=%v: differs from qemu-img convert at %d", rsrc, d)
 		}
 		p := make([]byte, 3000)
 		if _, err := img.ReadAt(p, 1500); err != nil || !bytes.Equal(p, want[1500:4500]) {
 			t.Fatalf("unaligned read: %v", err)
 		}
-		compareReports(t, name)
+		formatstest.SameInfoAndMap(t, format, name)
 		if d := formats.Probe(make([]byte, formats.ProbeSize), name); d == nil || d.Name != format {
 			t.Fatalf("probe picked %v", d)
 		}
@@ -211,9 +200,9 @@ func TestReadMatchesQemu(t *testing.T) {
 // compressed.
 func TestBzip2(t *testing.T) {
 	pieces := []piece{{typeBzip2, pattern(8192, 5)}, {typeZlib, pattern(1024, 6)}}
-	img := openImage(t, writeFile(t, build(t, pieces, false)), true)
-	if got := readAll(t, img); !bytes.Equal(got, guest(pieces)) {
-		t.Fatalf("bzip2 chunk differs at %d", firstDiff(got, guest(pieces)))
+	img := formatstest.Open(t, formatstest.WriteTemp(t, "img.dmg", build(t, pieces, false)), formats.OpenOptions{Format: format, ReadOnly: true})
+	if got := formatstest.ReadAll(t, img); !bytes.Equal(got, guest(pieces)) {
+		t.Fatalf("bzip2 chunk differs at %d", formatstest.FirstDiff(got, guest(pieces)))
 	}
 }
 
@@ -223,7 +212,7 @@ func TestUnsupportedChunks(t *testing.T) {
 	for _, typ := range []uint32{typeLZFSE, typeADC} {
 		pieces := []piece{{typeRaw, pattern(512, 1)}, {typ, pattern(512, 2)}}
 		b := build(t, pieces, false)
-		img := openImage(t, writeFile(t, b), true)
+		img := formatstest.Open(t, formatstest.WriteTemp(t, "img.dmg", b), formats.OpenOptions{Format: format, ReadOnly: true})
 		if _, err := img.ReadAt(make([]byte, 512), 0); err != nil {
 			t.Fatal(err)
 		}
@@ -233,7 +222,7 @@ func TestUnsupportedChunks(t *testing.T) {
 	}
 	b := build(t, []piece{{typeRaw, pattern(512, 1)}}, false)
 	binary.BigEndian.PutUint64(b[len(b)-kolySize+0x1ec:], 4)
-	img := openImage(t, writeFile(t, b), true)
+	img := formatstest.Open(t, formatstest.WriteTemp(t, "img.dmg", b), formats.OpenOptions{Format: format, ReadOnly: true})
 	if _, err := img.ReadAt(make([]byte, 512), 1024); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("uncovered sector: got %v", err)
 	}
@@ -258,7 +247,7 @@ func TestOpenErrors(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b := c.edit(build(t, fixturePieces(), true))
-			_, err := formats.Open(writeFile(t, b), formats.OpenOptions{Format: format, ReadOnly: true})
+			_, err := formats.Open(formatstest.WriteTemp(t, "img.dmg", b), formats.OpenOptions{Format: format, ReadOnly: true})
 			// QEMU's message is mostly a bare "Invalid argument"; the
 			// error's kind says more.
 			detail := err
@@ -282,15 +271,5 @@ func setChunk(b []byte, field int, v uint64) {
 func FuzzOpen(f *testing.F) {
 	f.Add(build(f, fixturePieces(), false))
 	f.Add(build(f, fixturePieces(), true))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		img, err := formats.Open(writeFile(t, b), formats.OpenOptions{Format: format, ReadOnly: true})
-		if err != nil {
-			return
-		}
-		defer img.Close()
-		p := make([]byte, 64<<10)
-		img.ReadAt(p, 0)
-		img.ReadAt(p, max(img.Size()-1000, 0))
-		img.BlockStatus(0, img.Size())
-	})
+	f.Fuzz(func(t *testing.T, b []byte) { formatstest.ReadHostile(t, format, b) })
 }

@@ -10,12 +10,13 @@ import (
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // TestExtensionMatchesQemu opens images with a format extension cluster
 // read-only and compares the outcome with qemu-img info's.
 func TestExtensionMatchesQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	const cl = 64 << 10
 	le := binary.LittleEndian
 	// ext builds the extension cluster from its features; edit may spoil
@@ -56,7 +57,7 @@ func TestExtensionMatchesQemu(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			name := filepath.Join(t.TempDir(), "img")
-			if err := createImage(t, name, "size=1M,cluster_size=64k"); err != nil {
+			if err := formatstest.Create(t, format, name, "size=1M,cluster_size=64k"); err != nil {
 				t.Fatal(err)
 			}
 			b, _ := os.ReadFile(name)
@@ -82,7 +83,7 @@ func TestExtensionMatchesQemu(t *testing.T) {
 					t.Fatalf("qemu opens it, we fail: %v", err)
 				}
 				img.Close()
-				compareReports(t, name)
+				formatstest.SameInfoAndMap(t, format, name)
 				return
 			}
 			if err == nil {

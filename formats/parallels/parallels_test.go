@@ -27,7 +27,7 @@ func TestConformance(t *testing.T) {
 
 // TestCreateMatchesQemu: created files are byte-identical to qemu-img's.
 func TestCreateMatchesQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, c := range []struct{ size, opts string }{
 		{"10M", ""},
 		{"3M", "cluster_size=4k"},
@@ -44,16 +44,16 @@ func TestCreateMatchesQemu(t *testing.T) {
 			if c.opts != "" {
 				opts += "," + c.opts
 			}
-			if err := createImage(t, ours, opts); err != nil {
+			if err := formatstest.Create(t, format, ours, opts); err != nil {
 				t.Fatal(err)
 			}
-			run(t, "qemu-img", "create", "-q", "-f", format, "-o", opts, theirs)
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", format, "-o", opts, theirs)
 			a, _ := os.ReadFile(ours)
 			b, _ := os.ReadFile(theirs)
-			if d := firstDiff(a, b); d >= 0 {
+			if d := formatstest.FirstDiff(a, b); d >= 0 {
 				t.Fatalf("files differ at byte %d (sizes %d, %d)", d, len(a), len(b))
 			}
-			compareReports(t, ours)
+			formatstest.SameInfoAndMap(t, format, ours)
 		})
 	}
 }
@@ -66,7 +66,7 @@ func TestCreateErrors(t *testing.T) {
 		{"size=1M,preallocation=xx", "invalid parameter value: xx"},
 	} {
 		t.Run(c.opts, func(t *testing.T) {
-			err := createImage(t, filepath.Join(t.TempDir(), "x"), c.opts)
+			err := formatstest.Create(t, format, filepath.Join(t.TempDir(), "x"), c.opts)
 			if err == nil || err.Error() != c.msg {
 				t.Fatalf("got %v, want %q", err, c.msg)
 			}
@@ -78,11 +78,11 @@ func TestCreateErrors(t *testing.T) {
 // check finds the image clean, reads what we wrote, and reports the same
 // info and map.
 func TestWriteQemuAgrees(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, opts := range []string{"size=3M,cluster_size=64k", "size=5000000,cluster_size=4k", "size=3M,cluster_size=1000"} {
 		t.Run(opts, func(t *testing.T) {
 			name := filepath.Join(t.TempDir(), "img")
-			if err := createImage(t, name, opts); err != nil {
+			if err := formatstest.Create(t, format, name, opts); err != nil {
 				t.Fatal(err)
 			}
 			img, err := formats.Open(name, formats.OpenOptions{Format: format})
@@ -100,16 +100,16 @@ func TestWriteQemuAgrees(t *testing.T) {
 			if err := img.Close(); err != nil {
 				t.Fatal(err)
 			}
-			run(t, "qemu-img", "check", "-U", "-f", format, name)
+			formatstest.Exec(t, "qemu-img", "check", "-U", "-f", format, name)
 			rawName := filepath.Join(t.TempDir(), "raw")
 			if err := os.WriteFile(rawName, want, 0o644); err != nil {
 				t.Fatal(err)
 			}
-			run(t, "qemu-img", "compare", "-U", "-f", format, "-F", "raw", name, rawName)
-			if got := rawOf(t, name); !bytes.Equal(got, want) {
-				t.Fatalf("qemu-img reads different data at %d", firstDiff(got, want))
+			formatstest.Exec(t, "qemu-img", "compare", "-U", "-f", format, "-F", "raw", name, rawName)
+			if got := formatstest.QemuRaw(t, format, name); !bytes.Equal(got, want) {
+				t.Fatalf("qemu-img reads different data at %d", formatstest.FirstDiff(got, want))
 			}
-			compareReports(t, name)
+			formatstest.SameInfoAndMap(t, format, name)
 		})
 	}
 }
@@ -118,11 +118,11 @@ func TestWriteQemuAgrees(t *testing.T) {
 // flavours: the old "WithoutFreeSpace" one is made by rewriting the
 // magic and the catalog entries into sectors.
 func TestReadQemuWritten(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, old := range []bool{false, true} {
 		name := filepath.Join(t.TempDir(), "img")
-		run(t, "qemu-img", "create", "-q", "-f", format, "-o", "cluster_size=64k", name, "2M")
-		run(t, "qemu-io", "-f", format, "-c", "write -P 7 100k 10k", "-c", "write -P 9 0 1k", "-c", "write -P 3 1500k 200k", name)
+		formatstest.Exec(t, "qemu-img", "create", "-q", "-f", format, "-o", "cluster_size=64k", name, "2M")
+		formatstest.QemuIO(t, format, name, "write -P 7 100k 10k", "write -P 9 0 1k", "write -P 3 1500k 200k")
 		if old {
 			b, _ := os.ReadFile(name)
 			copy(b, magicOld)
@@ -134,11 +134,8 @@ func TestReadQemuWritten(t *testing.T) {
 			}
 			os.WriteFile(name, b, 0o644)
 		}
-		img := openImage(t, name, true)
-		if got, want := readAll(t, img), rawOf(t, name); !bytes.Equal(got, want) {
-			t.Fatalf("old=%v: differs at %d", old, firstDiff(got, want))
-		}
-		compareReports(t, name)
+		formatstest.SameAsQemuRaw(t, formatstest.Open(t, name, formats.OpenOptions{Format: format, ReadOnly: true}))
+		formatstest.SameInfoAndMap(t, format, name)
 	}
 }
 
@@ -146,7 +143,7 @@ func TestReadQemuWritten(t *testing.T) {
 // edit.
 func corrupt(t *testing.T, edit func(b []byte) []byte) string {
 	name := filepath.Join(t.TempDir(), "img")
-	if err := createImage(t, name, "size=1M,cluster_size=64k"); err != nil {
+	if err := formatstest.Create(t, format, name, "size=1M,cluster_size=64k"); err != nil {
 		t.Fatal(err)
 	}
 	b, _ := os.ReadFile(name)
@@ -183,7 +180,7 @@ func TestOpenErrors(t *testing.T) {
 // TestCheckMatchesQemu runs Check and qemu-img check on damaged images
 // and compares what they report and repair.
 func TestCheckMatchesQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, c := range []struct {
 		name string
 		edit func(b []byte) []byte
@@ -237,7 +234,7 @@ func TestCheckMatchesQemu(t *testing.T) {
 				}
 				a, _ := os.ReadFile(ours)
 				q, _ := os.ReadFile(theirs)
-				if d := firstDiff(a, q); d >= 0 {
+				if d := formatstest.FirstDiff(a, q); d >= 0 {
 					t.Errorf("mode %d: repaired files differ at %d (sizes %d, %d)", mode, d, len(a), len(q))
 				}
 			})

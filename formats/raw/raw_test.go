@@ -20,50 +20,17 @@ import (
 // create makes a raw image with imgfs; opts is a -o list without size.
 func create(t *testing.T, name string, size any, opts string) error {
 	t.Helper()
-	d := formats.Lookup("raw")
-	o := formats.NewOptions(d.CreateSpecs())
-	if err := o.Parse(fmt.Sprintf("size=%v", size)); err != nil {
-		t.Fatal(err)
-	}
+	list := fmt.Sprintf("size=%v", size)
 	if opts != "" {
-		if err := o.Parse(opts); err != nil {
-			t.Fatal(err)
-		}
+		list += "," + opts
 	}
-	return d.Create(name, o)
-}
-
-func openRaw(t *testing.T, name string, o formats.OpenOptions) formats.Image {
-	t.Helper()
-	img, err := formats.Open(name, o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { img.Close() })
-	return img
+	return formatstest.Create(t, "raw", name, list)
 }
 
 func TestConformance(t *testing.T) {
 	for _, opts := range []string{"preallocation=off", "preallocation=falloc", "preallocation=full"} {
 		t.Run(opts, func(t *testing.T) { formatstest.Run(t, formatstest.Created("raw", opts)) })
 	}
-}
-
-// needQemu skips a differential test when qemu-img is not installed.
-func needQemu(t *testing.T) {
-	t.Helper()
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed")
-	}
-}
-
-func run(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return string(out)
 }
 
 // mapEntry is one entry of `qemu-img map --output=json`.
@@ -79,7 +46,7 @@ type mapEntry struct {
 func qemuMap(t *testing.T, name string) []mapEntry {
 	t.Helper()
 	var m []mapEntry
-	if err := json.Unmarshal([]byte(run(t, "qemu-img", "map", "-f", "raw", "--output=json", name)), &m); err != nil {
+	if err := json.Unmarshal([]byte(formatstest.Exec(t, "qemu-img", "map", "-f", "raw", "--output=json", name)), &m); err != nil {
 		t.Fatal(err)
 	}
 	return m
@@ -110,7 +77,7 @@ func ourMap(t *testing.T, img formats.Image) []mapEntry {
 }
 
 func TestMapMatchesQemu(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireTools(t, "qemu-img")
 	dir := t.TempDir()
 	tests := []struct {
 		name  string
@@ -152,17 +119,13 @@ func TestMapMatchesQemu(t *testing.T) {
 			if err := tc.setup(p); err != nil {
 				t.Fatal(err)
 			}
-			img := openRaw(t, p, formats.OpenOptions{Format: "raw"})
+			img := formatstest.Open(t, p, formats.OpenOptions{Format: "raw"})
 			want := qemuMap(t, p)
 			if got := ourMap(t, img); fmt.Sprint(got) != fmt.Sprint(want) {
 				t.Errorf("map:\n got %v\nwant %v", got, want)
 			}
-			var info struct {
-				VirtualSize int64 `json:"virtual-size"`
-			}
-			json.Unmarshal([]byte(run(t, "qemu-img", "info", "-f", "raw", "--output=json", p)), &info)
-			if img.Size() != info.VirtualSize {
-				t.Errorf("Size() = %d, qemu-img says %d", img.Size(), info.VirtualSize)
+			if want := formatstest.QemuVirtualSize(t, "raw", p); img.Size() != want {
+				t.Errorf("Size() = %d, qemu-img says %d", img.Size(), want)
 			}
 		})
 	}
@@ -171,7 +134,7 @@ func TestMapMatchesQemu(t *testing.T) {
 // TestCreateMatchesQemu creates images with imgfs and with qemu-img and
 // compares file size, allocation map and content.
 func TestCreateMatchesQemu(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireTools(t, "qemu-img")
 	dir := t.TempDir()
 	for _, tc := range []struct {
 		size int64
@@ -198,7 +161,7 @@ func TestCreateMatchesQemu(t *testing.T) {
 			if tc.opts != "" {
 				args = append(args, "-o", tc.opts)
 			}
-			run(t, "qemu-img", append(args, theirs, fmt.Sprint(tc.size))...)
+			formatstest.Exec(t, "qemu-img", append(args, theirs, fmt.Sprint(tc.size))...)
 			for _, p := range []string{ours, theirs} {
 				st, _ := os.Stat(p)
 				t.Logf("%s: %d bytes", p, st.Size())
@@ -211,7 +174,7 @@ func TestCreateMatchesQemu(t *testing.T) {
 			if a, b := fmt.Sprint(qemuMap(t, ours)), fmt.Sprint(qemuMap(t, theirs)); a != b {
 				t.Errorf("map:\n got %s\nwant %s", a, b)
 			}
-			if out := run(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", ours, theirs); !strings.Contains(out, "identical") {
+			if out := formatstest.Exec(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", ours, theirs); !strings.Contains(out, "identical") {
 				t.Errorf("compare: %s", out)
 			}
 		})
@@ -261,23 +224,22 @@ func TestProbedRaw(t *testing.T) {
 		t.Fatal(err)
 	}
 	var warnings []string
-	img := openRaw(t, p, formats.OpenOptions{Warn: func(m string) { warnings = append(warnings, m) }})
+	img := formatstest.Open(t, p, formats.OpenOptions{Warn: func(m string) { warnings = append(warnings, m) }})
 	want := "WARNING: Image format was not specified for '" + p + "' and probing guessed raw.\n" +
 		"         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n" +
 		"         Specify the 'raw' format explicitly to remove the restrictions."
 	if len(warnings) != 1 || warnings[0] != want {
 		t.Errorf("warnings %q, want %q", warnings, want)
 	}
-	if _, err := exec.LookPath("qemu-io"); err == nil {
-		out, _ := exec.Command("qemu-io", "-c", "read 0 1", p).CombinedOutput()
-		if !strings.HasPrefix(string(out), want+"\n") {
-			t.Errorf("qemu-io prints\n%s\nwant prefix\n%s", out, want)
-		}
+	formatstest.RequireTools(t, "qemu-io")
+	out, _ := exec.Command("qemu-io", "-c", "read 0 1", p).CombinedOutput()
+	if !strings.HasPrefix(string(out), want+"\n") {
+		t.Errorf("qemu-io prints\n%s\nwant prefix\n%s", out, want)
 	}
 
 	// Read-only opens are not restricted and not warned about.
 	warnings = nil
-	openRaw(t, p, formats.OpenOptions{ReadOnly: true, Warn: func(m string) { warnings = append(warnings, m) }})
+	formatstest.Open(t, p, formats.OpenOptions{ReadOnly: true, Warn: func(m string) { warnings = append(warnings, m) }})
 	if len(warnings) != 0 {
 		t.Errorf("read-only open warned: %q", warnings)
 	}
@@ -328,7 +290,7 @@ func TestProbedRaw(t *testing.T) {
 	}
 
 	// Explicit raw is not restricted.
-	exp := openRaw(t, p, formats.OpenOptions{Format: "raw"})
+	exp := formatstest.Open(t, p, formats.OpenOptions{Format: "raw"})
 	if _, err := exp.WriteAt(fake, 0); err != nil {
 		t.Errorf("explicit raw: %v", err)
 	}
@@ -352,9 +314,7 @@ func init() {
 }
 
 func TestProbedRawAgainstQemu(t *testing.T) {
-	if _, err := exec.LookPath("qemu-io"); err != nil {
-		t.Skip("qemu-io not installed")
-	}
+	formatstest.RequireTools(t, "qemu-io")
 	// A qcow2 header written through a probed raw image: QEMU refuses it
 	// with EPERM, and so do we once a qcow2-like driver is registered
 	// (here the stand-in above).
@@ -395,7 +355,7 @@ func TestResize(t *testing.T) {
 			if err := create(t, p, tc.from, ""); err != nil {
 				t.Fatal(err)
 			}
-			img := openRaw(t, p, formats.OpenOptions{Format: "raw"})
+			img := formatstest.Open(t, p, formats.OpenOptions{Format: "raw"})
 			err := img.(formats.Resizer).Resize(tc.to, tc.prealloc, tc.shrink)
 			if (err == nil) != (tc.wantErr == "") || err != nil && err.Error() != tc.wantErr {
 				t.Errorf("Resize error %v, want %q", err, tc.wantErr)
@@ -410,7 +370,7 @@ func TestResize(t *testing.T) {
 	// resize does.
 	p := filepath.Join(dir, "empty")
 	os.WriteFile(p, nil, 0o644)
-	img := openRaw(t, p, formats.OpenOptions{Format: "raw"})
+	img := formatstest.Open(t, p, formats.OpenOptions{Format: "raw"})
 	if err := img.(formats.Resizer).Resize(1<<20, "off", false); err != nil {
 		t.Fatal(err)
 	}
@@ -424,7 +384,7 @@ func TestDescribe(t *testing.T) {
 	if err := create(t, p, 1<<20, ""); err != nil {
 		t.Fatal(err)
 	}
-	img := openRaw(t, p, formats.OpenOptions{Format: "raw"})
+	img := formatstest.Open(t, p, formats.OpenOptions{Format: "raw"})
 	d, err := img.(formats.Describer).Describe()
 	if err != nil {
 		t.Fatal(err)

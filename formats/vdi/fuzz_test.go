@@ -3,11 +3,11 @@ package vdi
 import (
 	"bytes"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // fuzzSeeds are small dynamic images made by qemu-img (header and block
@@ -15,17 +15,13 @@ import (
 // to mutate quickly, which reaches allocated blocks by mutating block
 // map entries instead).
 func fuzzSeeds(f *testing.F) [][]byte {
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		return nil
-	}
+	formatstest.RequireTools(f, "qemu-img")
 	dir := f.TempDir()
 	var seeds [][]byte
-	for i, size := range []string{"1000", "3M", "200M"} {
+	for _, size := range []string{"1000", "3M", "200M"} {
 		name := filepath.Join(dir, "seed.vdi")
 		os.Remove(name)
-		if out, err := exec.Command("qemu-img", "create", "-q", "-f", "vdi", name, size).CombinedOutput(); err != nil {
-			f.Fatalf("seed %d: %v: %s", i, err, out)
-		}
+		formatstest.Exec(f, "qemu-img", "create", "-q", "-f", "vdi", name, size)
 		b, err := os.ReadFile(name)
 		if err != nil {
 			f.Fatal(err)

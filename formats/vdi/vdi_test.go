@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -18,17 +17,9 @@ import (
 	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
-// sizeHidden hides the 1 MiB block size from the conformance suite,
-// which aims its writes at up to eight clusters, more than its image
-// holds with 1 MiB blocks. Its long writes still cross block boundaries.
-type sizeHidden struct{ formats.Image }
-
 func TestConformance(t *testing.T) {
 	for _, opts := range []string{"static=off", "static=on"} {
-		t.Run(opts, func(t *testing.T) {
-			created := formatstest.Created("vdi", opts)
-			formatstest.Run(t, func(t *testing.T, size int64) formats.Image { return sizeHidden{created(t, size)} })
-		})
+		t.Run(opts, func(t *testing.T) { formatstest.Run(t, formatstest.Created("vdi", opts)) })
 	}
 }
 
@@ -36,20 +27,15 @@ func TestConformance(t *testing.T) {
 // write -z, a partial last block) and compares them with qemu-img's raw
 // conversion, and info, map and check with qemu-img's.
 func TestReadQemuImages(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, static := range []string{"off", "on"} {
 		t.Run("static="+static, func(t *testing.T) {
 			t.Parallel()
 			name := filepath.Join(t.TempDir(), "img.vdi")
-			run(t, "qemu-img", "create", "-q", "-f", "vdi", "-o", "static="+static, name, "5500k")
-			run(t, "qemu-io", "-f", "vdi", "-c", "write -P 1 1M 4k", "-c", "write -z 3M 4k",
-				"-c", "write -P 2 1023k 2k", "-c", "write -P 3 5M 300k", "-c", "write -P 4 0 512", name)
-			img := openImage(t, name, true)
-			got, want := readAll(t, img), rawOf(t, name)
-			if i := firstDiff(got, want); i >= 0 {
-				t.Fatalf("byte %d differs from qemu-img convert (sizes %d, %d)", i, len(got), len(want))
-			}
-			compareReports(t, name)
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vdi", "-o", "static="+static, name, "5500k")
+			formatstest.QemuIO(t, "vdi", name, "write -P 1 1M 4k", "write -z 3M 4k", "write -P 2 1023k 2k", "write -P 3 5M 300k", "write -P 4 0 512")
+			formatstest.SameAsQemuRaw(t, formatstest.Open(t, name, formats.OpenOptions{Format: "vdi", ReadOnly: true}))
+			formatstest.SameInfoAndMap(t, "vdi", name)
 			compareCheck(t, name)
 		})
 	}
@@ -58,18 +44,18 @@ func TestReadQemuImages(t *testing.T) {
 // TestWriteCheckedByQemu writes through our driver into images made by
 // qemu-img and by us; qemu-img must find them clean and read our data.
 func TestWriteCheckedByQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, static := range []string{"off", "on"} {
 		for _, maker := range []string{"qemu", "imgfs"} {
 			t.Run(maker+"/static="+static, func(t *testing.T) {
 				t.Parallel()
 				name := filepath.Join(t.TempDir(), "img.vdi")
 				if maker == "qemu" {
-					run(t, "qemu-img", "create", "-q", "-f", "vdi", "-o", "static="+static, name, "5M")
-				} else if err := createImage(t, name, "size=5M,static="+static); err != nil {
+					formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vdi", "-o", "static="+static, name, "5M")
+				} else if err := formatstest.Create(t, "vdi", name, "size=5M,static="+static); err != nil {
 					t.Fatal(err)
 				}
-				img := openImage(t, name, false)
+				img := formatstest.Open(t, name, formats.OpenOptions{Format: "vdi"})
 				want := make([]byte, img.Size())
 				// Out of order, so that block map entries and guest blocks
 				// differ.
@@ -85,13 +71,13 @@ func TestWriteCheckedByQemu(t *testing.T) {
 				if err := img.Close(); err != nil {
 					t.Fatal(err)
 				}
-				if out := run(t, "qemu-img", "check", "-U", "-f", "vdi", name); out != "No errors were found on the image.\n" {
+				if out := formatstest.Exec(t, "qemu-img", "check", "-U", "-f", "vdi", name); out != "No errors were found on the image.\n" {
 					t.Errorf("qemu-img check:\n%s", out)
 				}
-				if i := firstDiff(rawOf(t, name), want); i >= 0 {
+				if i := formatstest.FirstDiff(formatstest.QemuRaw(t, "vdi", name), want); i >= 0 {
 					t.Fatalf("qemu-img reads byte %d differently", i)
 				}
-				compareReports(t, name)
+				formatstest.SameInfoAndMap(t, "vdi", name)
 			})
 		}
 	}
@@ -100,7 +86,7 @@ func TestWriteCheckedByQemu(t *testing.T) {
 // TestCreateMatchesQemu creates images with both tools; virtual sizes,
 // file sizes and content must agree.
 func TestCreateMatchesQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
 	for _, size := range []string{"0", "1000", "1M", "3M", "5000k", "200G"} {
 		for _, opts := range []string{"static=off", "static=on"} {
@@ -111,11 +97,11 @@ func TestCreateMatchesQemu(t *testing.T) {
 			os.Remove(ours)
 			os.Remove(theirs)
 			all := "size=" + size + "," + opts
-			if err := createImage(t, ours, all); err != nil {
+			if err := formatstest.Create(t, "vdi", ours, all); err != nil {
 				t.Fatalf("create %s: %v", all, err)
 			}
-			run(t, "qemu-img", "create", "-q", "-f", "vdi", "-o", all, theirs)
-			if a, b := qemuSize(t, ours), qemuSize(t, theirs); a != b {
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vdi", "-o", all, theirs)
+			if a, b := formatstest.QemuVirtualSize(t, "vdi", ours), formatstest.QemuVirtualSize(t, "vdi", theirs); a != b {
 				t.Errorf("%s: virtual size %d, qemu-img made %d", all, a, b)
 			}
 			sa, _ := os.Stat(ours)
@@ -123,23 +109,12 @@ func TestCreateMatchesQemu(t *testing.T) {
 			if sa.Size() != sb.Size() {
 				t.Errorf("%s: file size %d, qemu-img's %d", all, sa.Size(), sb.Size())
 			}
-			run(t, "qemu-img", "compare", "-U", "-f", "vdi", "-F", "vdi", ours, theirs)
-			if out := run(t, "qemu-img", "check", "-U", "-f", "vdi", ours); out != "No errors were found on the image.\n" {
+			formatstest.Exec(t, "qemu-img", "compare", "-U", "-f", "vdi", "-F", "vdi", ours, theirs)
+			if out := formatstest.Exec(t, "qemu-img", "check", "-U", "-f", "vdi", ours); out != "No errors were found on the image.\n" {
 				t.Errorf("%s: qemu-img check:\n%s", all, out)
 			}
 		}
 	}
-}
-
-func qemuSize(t *testing.T, name string) int64 {
-	t.Helper()
-	var info struct {
-		VirtualSize int64 `json:"virtual-size"`
-	}
-	if err := json.Unmarshal([]byte(run(t, "qemu-img", "info", "-U", "-f", "vdi", "--output=json", name)), &info); err != nil {
-		t.Fatal(err)
-	}
-	return info.VirtualSize
 }
 
 func TestCreateErrors(t *testing.T) {
@@ -154,7 +129,7 @@ func TestCreateErrors(t *testing.T) {
 	} {
 		name := filepath.Join(dir, "x.vdi")
 		os.Remove(name)
-		err := createImage(t, name, tc.opts)
+		err := formatstest.Create(t, "vdi", name, tc.opts)
 		if err == nil || err.Error() != tc.msg {
 			t.Errorf("%s: %v, want %q", tc.opts, err, tc.msg)
 		}
@@ -164,34 +139,16 @@ func TestCreateErrors(t *testing.T) {
 	}
 }
 
-// patch changes n bytes of a file at off.
-func patch(t *testing.T, name string, off int64, n int, change func([]byte)) {
-	t.Helper()
-	f, err := os.OpenFile(name, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	b := make([]byte, n)
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	change(b)
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // put32 returns a patch that stores v at a header offset.
 func put32(t *testing.T, off int64, v uint32) func(*testing.T, string) {
 	return func(t *testing.T, name string) {
-		patch(t, name, off, 4, func(b []byte) { binary.LittleEndian.PutUint32(b, v) })
+		formatstest.Patch(t, name, off, 4, func(b []byte) { binary.LittleEndian.PutUint32(b, v) })
 	}
 }
 
 // TestOpenErrors damages headers and compares our error with qemu-img's.
 func TestOpenErrors(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	tests := []struct {
 		name   string
 		damage func(*testing.T, string)
@@ -205,7 +162,7 @@ func TestOpenErrors(t *testing.T) {
 		{"block size", put32(t, 0x178, 2<<20), formats.ErrUnsupported},
 		{"disk size", put32(t, 0x180, 2), formats.ErrUnsupported},
 		{"huge disk", func(t *testing.T, name string) {
-			patch(t, name, 0x170, 8, func(b []byte) { binary.LittleEndian.PutUint64(b, 1<<50) })
+			formatstest.Patch(t, name, 0x170, 8, func(b []byte) { binary.LittleEndian.PutUint64(b, 1<<50) })
 		}, formats.ErrUnsupported},
 		{"blocks", put32(t, 0x180, maxBlocksQEMU+1), formats.ErrUnsupported},
 		{"link", put32(t, 0x1a8, 1), formats.ErrUnsupported},
@@ -215,13 +172,13 @@ func TestOpenErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			name := filepath.Join(t.TempDir(), "img.vdi")
-			run(t, "qemu-img", "create", "-q", "-f", "vdi", name, "3M")
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vdi", name, "3M")
 			tc.damage(t, name)
 			out, err := exec.Command("qemu-img", "info", "-U", "-f", "vdi", name).CombinedOutput()
 			if err == nil {
 				t.Fatalf("qemu-img opens the damaged image:\n%s", out)
 			}
-			_, ours := openRetry(name, formats.OpenOptions{Format: "vdi", ReadOnly: true})
+			_, ours := formatstest.OpenRetry(name, formats.OpenOptions{Format: "vdi", ReadOnly: true})
 			if ours == nil {
 				t.Fatal("we open the damaged image")
 			}
@@ -239,7 +196,7 @@ func TestOpenErrors(t *testing.T) {
 // our check (stdout, stderr lines and exit code as qemu-img prints them)
 // with qemu-img check.
 func TestCheck(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	entry := func(i int64, v uint32) func(*testing.T, string) { return put32(t, 512+4*i, v) }
 	tests := []struct {
 		name   string
@@ -256,8 +213,8 @@ func TestCheck(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			name := filepath.Join(t.TempDir(), "img.vdi")
-			run(t, "qemu-img", "create", "-q", "-f", "vdi", name, "6M")
-			run(t, "qemu-io", "-f", "vdi", "-c", "write 0 1k", "-c", "write 1M 1k", name)
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vdi", name, "6M")
+			formatstest.QemuIO(t, "vdi", name, "write 0 1k", "write 1M 1k")
 			for _, d := range tc.damage {
 				d(t, name)
 			}
@@ -270,7 +227,7 @@ func TestCheck(t *testing.T) {
 // image and compares stdout, stderr and the exit code.
 func compareCheck(t *testing.T, name string) {
 	t.Helper()
-	img := openImage(t, name, true)
+	img := formatstest.Open(t, name, formats.OpenOptions{Format: "vdi", ReadOnly: true})
 	for _, asJSON := range []bool{false, true} {
 		args := []string{"check", "-U", "-f", "vdi", name}
 		if asJSON {
@@ -311,15 +268,15 @@ func compareCheck(t *testing.T, name string) {
 // header's allocated count gives, as QEMU places them, so that the file
 // and its block map match what qemu-io makes of the same writes.
 func TestAllocationOrder(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
 	ours, theirs := filepath.Join(dir, "ours.vdi"), filepath.Join(dir, "theirs.vdi")
-	if err := createImage(t, ours, "size=4M"); err != nil {
+	if err := formatstest.Create(t, "vdi", ours, "size=4M"); err != nil {
 		t.Fatal(err)
 	}
-	run(t, "qemu-img", "create", "-q", "-f", "vdi", theirs, "4M")
-	run(t, "qemu-io", "-f", "vdi", "-c", "write -P 1 3M 1k", "-c", "write -P 2 1M 1k", theirs)
-	img := openImage(t, ours, false)
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vdi", theirs, "4M")
+	formatstest.QemuIO(t, "vdi", theirs, "write -P 1 3M 1k", "write -P 2 1M 1k")
+	img := formatstest.Open(t, ours, formats.OpenOptions{Format: "vdi"})
 	for _, w := range []struct {
 		off int64
 		v   byte
@@ -334,7 +291,7 @@ func TestAllocationOrder(t *testing.T) {
 	// Everything but the UUIDs must be equal.
 	clear(a[0x188:0x1a8])
 	clear(b[0x188:0x1a8])
-	if i := firstDiff(a, b); i >= 0 {
+	if i := formatstest.FirstDiff(a, b); i >= 0 {
 		t.Errorf("files differ at byte %d (sizes %d, %d)", i, len(a), len(b))
 	}
 }
@@ -358,11 +315,11 @@ func TestProbe(t *testing.T) {
 // block is taken, instead of writing an entry that means "unallocated".
 func TestAllocateBeyondMap(t *testing.T) {
 	name := filepath.Join(t.TempDir(), "img.vdi")
-	if err := createImage(t, name, "size=2M"); err != nil {
+	if err := formatstest.Create(t, "vdi", name, "size=2M"); err != nil {
 		t.Fatal(err)
 	}
-	patch(t, name, 0x184, 4, func(b []byte) { binary.LittleEndian.PutUint32(b, 2) })
-	img := openImage(t, name, false)
+	formatstest.Patch(t, name, 0x184, 4, func(b []byte) { binary.LittleEndian.PutUint32(b, 2) })
+	img := formatstest.Open(t, name, formats.OpenOptions{Format: "vdi"})
 	if _, err := img.WriteAt([]byte{1}, 0); !errors.Is(err, formats.ErrCorrupt) {
 		t.Errorf("write: %v, want ErrCorrupt", err)
 	}

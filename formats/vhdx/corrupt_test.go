@@ -9,12 +9,14 @@ import (
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // TestCorruptImages breaks one field of a valid image at a time: the
-// open fails with QEMU's message (compared with qemu-img info when
-// installed), for the reason the test aims at.
+// open fails with QEMU's message (compared with qemu-img info), for the
+// reason the test aims at.
 func TestCorruptImages(t *testing.T) {
+	formatstest.RequireTools(t, "qemu-img")
 	const metaOff = 3 * miB // where a log_size=1M image of 1M keeps its metadata
 	le := binary.LittleEndian
 	fixRegion := func(b []byte) { setChecksum(b[regionTable1:regionTable1+headerBlockSize], 4) }
@@ -44,7 +46,7 @@ func TestCorruptImages(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			name := filepath.Join(t.TempDir(), "c.vhdx")
-			if err := createOpts(t, name, "size=1M,block_size=1M"); err != nil {
+			if err := formatstest.Create(t, "vhdx", name, "size=1M,block_size=1M"); err != nil {
 				t.Fatal(err)
 			}
 			b, err := os.ReadFile(name)
@@ -63,13 +65,11 @@ func TestCorruptImages(t *testing.T) {
 			if tc.reason != "" && (!errors.As(err, &oe) || !strings.Contains(oe.reason, tc.reason)) {
 				t.Errorf("open failed for another reason: %+v", err)
 			}
-			if haveQemuImg() {
-				want := stderrOf(t, "qemu-img", "info", "-U", "-f", "vhdx", name)
-				want = want[strings.LastIndex(want, "\nqemu-img: ")+1:]
-				want = strings.TrimPrefix(want, "qemu-img: ")
-				if got := "Could not open '" + name + "': " + err.Error(); got != want {
-					t.Errorf("error\n%s\nqemu-img:\n%s", got, want)
-				}
+			want := stderrOf(t, "qemu-img", "info", "-U", "-f", "vhdx", name)
+			want = want[strings.LastIndex(want, "\nqemu-img: ")+1:]
+			want = strings.TrimPrefix(want, "qemu-img: ")
+			if got := "Could not open '" + name + "': " + err.Error(); got != want {
+				t.Errorf("error\n%s\nqemu-img:\n%s", got, want)
 			}
 		})
 	}

@@ -3,11 +3,11 @@ package vhdx
 import (
 	"encoding/binary"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // structEnd is where the structures of a small image made with
@@ -15,8 +15,8 @@ import (
 // there (the rest is payload) to keep the fuzzer's inputs small.
 const structEnd = 3*miB + headerBlockSize + 40
 
-// fuzzSeeds makes small images, with our driver and (when installed)
-// with qemu-img and qemu-io, cut after their structures.
+// fuzzSeeds makes small images, with our driver and with qemu-img and
+// qemu-io, cut after their structures.
 func fuzzSeeds(f *testing.F) [][]byte {
 	dir := f.TempDir()
 	var seeds [][]byte
@@ -29,17 +29,16 @@ func fuzzSeeds(f *testing.F) [][]byte {
 	}
 	for i, opts := range []string{"size=1M,block_size=1M", "size=3M,block_size=1M,subformat=fixed", "size=1M,block_size=1M,block_state_zero=off"} {
 		name := filepath.Join(dir, "ours"+string(rune('0'+i)))
-		if err := createOpts(f, name, opts); err != nil {
+		if err := formatstest.Create(f, "vhdx", name, opts); err != nil {
 			f.Fatal(err)
 		}
 		add(name)
 	}
-	if _, err := exec.LookPath("qemu-io"); err == nil {
-		name := filepath.Join(dir, "qemu.vhdx")
-		run(f, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", name, "1M")
-		run(f, "qemu-io", "-f", "vhdx", "-c", "write -P 1 0 4k", name)
-		add(name)
-	}
+	formatstest.RequireQemu(f)
+	name := filepath.Join(dir, "qemu.vhdx")
+	formatstest.Exec(f, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", name, "1M")
+	formatstest.QemuIO(f, "vhdx", name, "write -P 1 0 4k")
+	add(name)
 	return seeds
 }
 
@@ -77,7 +76,7 @@ func FuzzOpen(f *testing.F) {
 // header, so that the log search and validation run on them.
 func FuzzLog(f *testing.F) {
 	base := filepath.Join(f.TempDir(), "base.vhdx")
-	if err := createOpts(f, base, "size=1M,block_size=1M"); err != nil {
+	if err := formatstest.Create(f, "vhdx", base, "size=1M,block_size=1M"); err != nil {
 		f.Fatal(err)
 	}
 	template, err := os.ReadFile(base)
@@ -86,7 +85,7 @@ func FuzzLog(f *testing.F) {
 	}
 	// A seed holding a real entry: one of our BAT updates, captured
 	// before the log is emptied.
-	img := openImg(f, base, false).(*Image)
+	img := formatstest.Open(f, base, formats.OpenOptions{Format: "vhdx"}).(*Image)
 	img.mu.Lock()
 	err = img.writeLogEntry([]logWrite{{offset: uint64(img.batOffset), data: make([]byte, logSectorSize)}})
 	img.mu.Unlock()

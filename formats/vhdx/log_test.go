@@ -11,6 +11,7 @@ import (
 
 	"github.com/imgfs/imgfs/control"
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 func copyFile(t *testing.T, from, to string) {
@@ -31,12 +32,12 @@ func copyFile(t *testing.T, from, to string) {
 // the state of a crash after the log write.
 func dirtyQemuImage(t *testing.T) string {
 	name := filepath.Join(t.TempDir(), "dirty.vhdx")
-	run(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", name, "8M")
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", name, "8M")
 	before, err := os.ReadFile(name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	qemuIO(t, name, "write -P 0x11 1M 64k")
+	formatstest.QemuIO(t, "vhdx", name, "write -P 0x11 1M 64k")
 	b, err := os.ReadFile(name)
 	if err != nil {
 		t.Fatal(err)
@@ -61,7 +62,7 @@ func dirtyQemuImage(t *testing.T) string {
 }
 
 func TestDirtyLogReadOnly(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	name := dirtyQemuImage(t)
 	want := stderrOf(t, "qemu-img", "info", "-f", "vhdx", name)
 	_, err := formats.Open(name, formats.OpenOptions{Format: "vhdx", ReadOnly: true})
@@ -74,14 +75,14 @@ func TestDirtyLogReadOnly(t *testing.T) {
 }
 
 func TestDirtyLogReplay(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	name := dirtyQemuImage(t)
 	dir := t.TempDir()
 	qcopy, ocopy := filepath.Join(dir, "q.vhdx"), filepath.Join(dir, "o.vhdx")
 	copyFile(t, name, qcopy)
 	copyFile(t, name, ocopy)
-	wantJSON := run(t, "qemu-img", "check", "-r", "all", "--output=json", "-f", "vhdx", qcopy)
-	want := rawOf(t, qcopy)
+	wantJSON := formatstest.Exec(t, "qemu-img", "check", "-r", "all", "--output=json", "-f", "vhdx", qcopy)
+	want := formatstest.QemuRaw(t, "vhdx", qcopy)
 	if want[1<<20] != 0x11 {
 		t.Fatal("QEMU's replay did not bring the block back")
 	}
@@ -97,12 +98,12 @@ func TestDirtyLogReplay(t *testing.T) {
 	if got := rep.JSON(); got != wantJSON {
 		t.Errorf("check JSON\n%s\nqemu-img:\n%s", got, wantJSON)
 	}
-	if i := diffOffset(readAll(t, img), want); i >= 0 {
+	if i := formatstest.FirstDiff(formatstest.ReadAll(t, img), want); i >= 0 {
 		t.Fatalf("replayed content differs from QEMU's at %d", i)
 	}
 	img.Close()
 	mustBeClean(t, ocopy)
-	if i := diffOffset(rawOf(t, ocopy), want); i >= 0 {
+	if i := formatstest.FirstDiff(formatstest.QemuRaw(t, "vhdx", ocopy), want); i >= 0 {
 		t.Fatalf("QEMU reads our replayed image differently at %d", i)
 	}
 }
@@ -110,12 +111,12 @@ func TestDirtyLogReplay(t *testing.T) {
 // TestOurLogReplaysInQemu crashes one of our allocations after its log
 // entry is durable: QEMU must replay our entry to the intended BAT.
 func TestOurLogReplaysInQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	name := filepath.Join(t.TempDir(), "o.vhdx")
-	if err := createOpts(t, name, "block_size=1M,size=8M"); err != nil {
+	if err := formatstest.Create(t, "vhdx", name, "block_size=1M,size=8M"); err != nil {
 		t.Fatal(err)
 	}
-	img := openImg(t, name, false).(*Image)
+	img := formatstest.Open(t, name, formats.OpenOptions{Format: "vhdx"}).(*Image)
 	data := []byte(strings.Repeat("imgfs log ", 500))
 	if _, err := img.WriteAt(data, 100); err != nil { // a block allocated the normal way
 		t.Fatal(err)
@@ -150,14 +151,14 @@ func TestOurLogReplaysInQemu(t *testing.T) {
 	}
 	qcopy := filepath.Join(t.TempDir(), "q.vhdx")
 	copyFile(t, name, qcopy)
-	run(t, "qemu-img", "check", "-r", "all", "-f", "vhdx", qcopy)
-	want := rawOf(t, qcopy)
+	formatstest.Exec(t, "qemu-img", "check", "-r", "all", "-f", "vhdx", qcopy)
+	want := formatstest.QemuRaw(t, "vhdx", qcopy)
 	if string(want[100:100+len(data)]) != string(data) || string(want[pos:pos+int64(len(data))]) != string(data) {
 		t.Fatal("QEMU's replay of our log lost data")
 	}
-	got := openImg(t, name, false)
+	got := formatstest.Open(t, name, formats.OpenOptions{Format: "vhdx"})
 	defer got.Close()
-	if i := diffOffset(readAll(t, got), want); i >= 0 {
+	if i := formatstest.FirstDiff(formatstest.ReadAll(t, got), want); i >= 0 {
 		t.Fatalf("our replay differs from QEMU's at %d", i)
 	}
 }

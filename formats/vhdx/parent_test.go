@@ -9,6 +9,7 @@ import (
 	"unicode/utf16"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // locatorItem encodes a VHDX parent locator with the given pairs.
@@ -44,16 +45,16 @@ func TestDifferencing(t *testing.T) {
 	parentName, child := filepath.Join(dir, "parent.vhdx"), filepath.Join(dir, "child.vhdx")
 	rng := rand.New(rand.NewPCG(8, 8))
 	a, b, c := fillRandom(rng, size), fillRandom(rng, bs), fillRandom(rng, bs)
-	if err := createOpts(t, parentName, "size=8M,block_size=1M"); err != nil {
+	if err := formatstest.Create(t, "vhdx", parentName, "size=8M,block_size=1M"); err != nil {
 		t.Fatal(err)
 	}
-	p := openImg(t, parentName, false)
+	p := formatstest.Open(t, parentName, formats.OpenOptions{Format: "vhdx"})
 	if _, err := p.WriteAt(a, 0); err != nil {
 		t.Fatal(err)
 	}
 	p.Close()
 
-	if err := createOpts(t, child, "size=8M,block_size=1M,block_state_zero=off"); err != nil {
+	if err := formatstest.Create(t, "vhdx", child, "size=8M,block_size=1M,block_state_zero=off"); err != nil {
 		t.Fatal(err)
 	}
 	f, err := os.OpenFile(child, os.O_RDWR, 0)
@@ -101,11 +102,11 @@ func TestDifferencing(t *testing.T) {
 			copy(want[3*bs+512*s:3*bs+512*(s+1)], c[512*s:])
 		}
 	}
-	img := openImg(t, child, true)
+	img := formatstest.Open(t, child, formats.OpenOptions{Format: "vhdx", ReadOnly: true})
 	if name, format := img.(formats.Backed).BackingInfo(); name != "parent.vhdx" || format != "vhdx" {
 		t.Errorf("BackingInfo = %q, %q", name, format)
 	}
-	if i := diffOffset(readAll(t, img), want); i >= 0 {
+	if i := formatstest.FirstDiff(formatstest.ReadAll(t, img), want); i >= 0 {
 		t.Fatalf("byte %d differs", i)
 	}
 	for _, tc := range []struct {
@@ -133,7 +134,7 @@ func TestDifferencing(t *testing.T) {
 	img.Close()
 
 	// Writes keep what the blocks read so far around the new bytes.
-	img = openImg(t, child, false)
+	img = formatstest.Open(t, child, formats.OpenOptions{Format: "vhdx"})
 	x := fillRandom(rng, bs)
 	for _, w := range []struct{ off, n int64 }{{3*bs + 4000, 70000}, {bs - 100, 200}, {5*bs + 3, 10}} {
 		if _, err := img.WriteAt(x[:w.n], w.off); err != nil {
@@ -146,14 +147,14 @@ func TestDifferencing(t *testing.T) {
 	}
 	clear(want[6*bs+512 : 6*bs+512+4096])
 	img.Close()
-	img = openImg(t, child, true)
+	img = formatstest.Open(t, child, formats.OpenOptions{Format: "vhdx", ReadOnly: true})
 	defer img.Close()
-	if i := diffOffset(readAll(t, img), want); i >= 0 {
+	if i := formatstest.FirstDiff(formatstest.ReadAll(t, img), want); i >= 0 {
 		t.Fatalf("after writes byte %d differs", i)
 	}
-	p = openImg(t, parentName, true)
+	p = formatstest.Open(t, parentName, formats.OpenOptions{Format: "vhdx", ReadOnly: true})
 	defer p.Close()
-	if i := diffOffset(readAll(t, p), a); i >= 0 {
+	if i := formatstest.FirstDiff(formatstest.ReadAll(t, p), a); i >= 0 {
 		t.Fatalf("the parent changed at %d", i)
 	}
 }

@@ -2,7 +2,6 @@ package vhdx
 
 import (
 	"bytes"
-	"context"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -11,19 +10,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/imgfs/imgfs/control"
 	"github.com/imgfs/imgfs/formats"
 	"github.com/imgfs/imgfs/formats/formatstest"
 )
-
-// smallClusters hides an image's block size from the conformance suite,
-// which aims its writes at cluster boundaries and sizes them in
-// clusters: VHDX blocks (1 MiB at least) are larger than the suite's
-// image allows, so the suite falls back to its 64 KiB default, which
-// still crosses every block boundary of a 1 MiB-block image.
-type smallClusters struct{ *Image }
-
-func (smallClusters) Describe() (*formats.Description, error) { return &formats.Description{}, nil }
 
 func TestConformance(t *testing.T) {
 	for _, opts := range []string{
@@ -31,12 +20,7 @@ func TestConformance(t *testing.T) {
 		"subformat=fixed,block_size=1M",
 		"subformat=fixed,block_state_zero=off,block_size=1M",
 	} {
-		t.Run(opts, func(t *testing.T) {
-			created := formatstest.Created("vhdx", opts)
-			formatstest.Run(t, func(t *testing.T, size int64) formats.Image {
-				return smallClusters{created(t, size).(*Image)}
-			})
-		})
+		t.Run(opts, func(t *testing.T) { formatstest.Run(t, formatstest.Created("vhdx", opts)) })
 	}
 }
 
@@ -71,45 +55,16 @@ var qemuImages = []struct {
 }
 
 func TestReadQemuImages(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, tc := range qemuImages {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			name := filepath.Join(t.TempDir(), "q.vhdx")
-			run(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", tc.opts, name, tc.size)
-			qemuIO(t, name, tc.cmds...)
-			want := rawOf(t, name)
-			img := openImg(t, name, true)
-			defer img.Close()
-			if i := diffOffset(readAll(t, img), want); i >= 0 {
-				t.Fatalf("content differs from qemu-img convert at byte %d", i)
-			}
-			checkInfoMap(t, img, name)
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vhdx", "-o", tc.opts, name, tc.size)
+			formatstest.QemuIO(t, "vhdx", name, tc.cmds...)
+			formatstest.SameAsQemuRaw(t, formatstest.Open(t, name, formats.OpenOptions{Format: "vhdx", ReadOnly: true}))
+			formatstest.SameInfoAndMap(t, "vhdx", name)
 		})
-	}
-}
-
-// checkInfoMap compares control.Info and control.Map on our open image
-// with qemu-img info and map in JSON.
-func checkInfoMap(t *testing.T, img formats.Image, name string) {
-	t.Helper()
-	list, err := control.Info(control.InfoOptions{Filename: name, Format: "vhdx",
-		Open: func(f, format string) (formats.Image, error) {
-			return formats.Open(f, formats.OpenOptions{Format: format, ReadOnly: true, ForceShare: true, NoIO: true})
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got, want := list.JSON(), run(t, "qemu-img", "info", "-U", "-f", "vhdx", "--output=json", name); got != want {
-		t.Errorf("info JSON:\n%s\nqemu-img:\n%s", got, want)
-	}
-	res := control.Map(context.Background(), control.MapOptions{Image: img, MaxLength: -1})
-	got, err := res.JSON()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if want := run(t, "qemu-img", "map", "-U", "-f", "vhdx", "--output=json", name); got != want {
-		t.Errorf("map JSON:\n%s\nqemu-img:\n%s", got, want)
 	}
 }
 
@@ -123,7 +78,7 @@ func fillRandom(rng *rand.Rand, n int) []byte {
 }
 
 func TestWrittenImagesPassQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, tc := range []struct {
 		opts string
 		size int64
@@ -136,10 +91,10 @@ func TestWrittenImagesPassQemu(t *testing.T) {
 		t.Run(tc.opts, func(t *testing.T) {
 			t.Parallel()
 			name := filepath.Join(t.TempDir(), "w.vhdx")
-			if err := createOpts(t, name, tc.opts+",size="+strconv.FormatInt(tc.size, 10)); err != nil {
+			if err := formatstest.Create(t, "vhdx", name, tc.opts+",size="+strconv.FormatInt(tc.size, 10)); err != nil {
 				t.Fatal(err)
 			}
-			img := openImg(t, name, false)
+			img := formatstest.Open(t, name, formats.OpenOptions{Format: "vhdx"})
 			rng := rand.New(rand.NewPCG(uint64(tc.size), 3))
 			type piece struct {
 				off int64
@@ -179,7 +134,7 @@ func TestWrittenImagesPassQemu(t *testing.T) {
 						copy(want[s-lo:e-lo], o.buf[s-o.off:e-o.off])
 					}
 				}
-				if i := diffOffset(qemuWindow(t, name, lo, hi-lo), want); i >= 0 {
+				if i := formatstest.FirstDiff(qemuWindow(t, name, lo, hi-lo), want); i >= 0 {
 					t.Fatalf("qemu reads a different byte at %d", lo+int64(i))
 				}
 			}
@@ -193,7 +148,7 @@ func TestWrittenImagesPassQemu(t *testing.T) {
 func qemuWindow(t *testing.T, name string, off, n int64) []byte {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "window")
-	run(t, "qemu-img", "dd", "-U", "-f", "vhdx", "-O", "raw", "bs=4096", "if="+name, "of="+out,
+	formatstest.Exec(t, "qemu-img", "dd", "-U", "-f", "vhdx", "-O", "raw", "bs=4096", "if="+name, "of="+out,
 		"skip="+strconv.FormatInt(off/4096, 10), "count="+strconv.FormatInt((off+n)/4096, 10))
 	b, err := os.ReadFile(out)
 	if err != nil {
@@ -216,7 +171,7 @@ func stderrOf(t *testing.T, name string, args ...string) string {
 }
 
 func TestCreateErrors(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, opts := range []string{
 		"block_size=3M",
 		"subformat=foo",
@@ -242,7 +197,7 @@ func TestCreateErrors(t *testing.T) {
 			if size != "" {
 				o += ",size=" + size
 			}
-			err := createOpts(t, name, o)
+			err := formatstest.Create(t, "vhdx", name, o)
 			if err == nil || err.Error() != want {
 				t.Errorf("create -o %s: %v, want %q", opts, err, want)
 			}
@@ -259,7 +214,7 @@ func TestCreateErrors(t *testing.T) {
 // QEMU's: everything but the random GUIDs, sequence numbers, checksums
 // of the headers, and the creator string is the same.
 func TestCreateLayout(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, tc := range []struct{ opts, size string }{
 		{"", "100M"},
 		{"subformat=fixed,block_size=1M", "3M"},
@@ -278,8 +233,8 @@ func TestCreateLayout(t *testing.T) {
 				args = append(args, "-o", tc.opts)
 				o = tc.opts + "," + o
 			}
-			run(t, "qemu-img", args...)
-			if err := createOpts(t, name, o); err != nil {
+			formatstest.Exec(t, "qemu-img", args...)
+			if err := formatstest.Create(t, "vhdx", name, o); err != nil {
 				t.Fatal(err)
 			}
 			q, err := os.ReadFile(qname)
@@ -306,14 +261,14 @@ func TestCreateLayout(t *testing.T) {
 					t.Errorf("header at %d: %+v, qemu %+v", off, hb, hq)
 				}
 			}
-			if diff := diffOffset(b[headerBlockSize*3:headerSectionEnd], q[headerBlockSize*3:headerSectionEnd]); diff >= 0 {
+			if diff := formatstest.FirstDiff(b[headerBlockSize*3:headerSectionEnd], q[headerBlockSize*3:headerSectionEnd]); diff >= 0 {
 				t.Errorf("region tables differ at %d", headerBlockSize*3+diff)
 			}
 			// Everything from the log on, except the page 83 GUID.
 			rt := decodeRegionEntry(b[regionTable1+16+regionEntryLen:])
 			page83 := int(rt.FileOffset) + headerBlockSize + 16
 			copy(b[page83:page83+16], q[page83:page83+16])
-			if diff := diffOffset(b[headerSectionEnd:], q[headerSectionEnd:]); diff >= 0 {
+			if diff := formatstest.FirstDiff(b[headerSectionEnd:], q[headerSectionEnd:]); diff >= 0 {
 				t.Errorf("files differ at %d", headerSectionEnd+diff)
 			}
 		})
@@ -325,7 +280,7 @@ func TestCreateLayout(t *testing.T) {
 // patched (the BAT layout of so small an image does not change).
 func TestLogicalSector4096(t *testing.T) {
 	name := filepath.Join(t.TempDir(), "4k.vhdx")
-	if err := createOpts(t, name, "size=8M,block_size=1M"); err != nil {
+	if err := formatstest.Create(t, "vhdx", name, "size=8M,block_size=1M"); err != nil {
 		t.Fatal(err)
 	}
 	f, err := os.OpenFile(name, os.O_RDWR, 0)
@@ -336,7 +291,7 @@ func TestLogicalSector4096(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
-	img := openImg(t, name, false)
+	img := formatstest.Open(t, name, formats.OpenOptions{Format: "vhdx"})
 	if got := img.(*Image).logicalSector; got != 4096 {
 		t.Fatalf("logical sector size %d", got)
 	}
@@ -345,10 +300,19 @@ func TestLogicalSector4096(t *testing.T) {
 		t.Fatal(err)
 	}
 	img.Close()
-	img = openImg(t, name, true)
+	img = formatstest.Open(t, name, formats.OpenOptions{Format: "vhdx", ReadOnly: true})
 	defer img.Close()
-	got := readAll(t, img)
-	if i := diffOffset(got[1<<20+4096*3+5:][:len(want)], want); i >= 0 {
+	got := formatstest.ReadAll(t, img)
+	if i := formatstest.FirstDiff(got[1<<20+4096*3+5:][:len(want)], want); i >= 0 {
 		t.Fatalf("byte %d differs after reopen", i)
+	}
+}
+
+// mustBeClean fails the test unless qemu-img check finds the image clean.
+func mustBeClean(t testing.TB, name string) {
+	t.Helper()
+	out := formatstest.Exec(t, "qemu-img", "check", "-U", "-f", "vhdx", name)
+	if !strings.Contains(out, "No errors were found on the image.") {
+		t.Fatalf("qemu-img check %s:\n%s", name, out)
 	}
 }

@@ -7,24 +7,20 @@ import (
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // TestBacking: a child made by our Create against a qemu-img parent
 // reads through to it, copies the parent's data around partial writes,
 // and stops reading it once the parent's CID changes, as QEMU does.
 func TestBacking(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
-	run(t, dir, "qemu-img", "create", "-q", "-f", "vmdk", "base.vmdk", "2M")
-	run(t, dir, "qemu-io", "-f", "vmdk", "-c", "write -P 0x5a 0 1M", "base.vmdk")
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vmdk", filepath.Join(dir, "base.vmdk"), "2M")
+	formatstest.QemuIO(t, "vmdk", filepath.Join(dir, "base.vmdk"), "write -P 0x5a 0 1M")
 
-	d := formats.Lookup("vmdk")
-	o := formats.NewOptions(d.CreateSpecs())
-	if err := o.Parse("size=2M,backing_file=base.vmdk,backing_fmt=vmdk"); err != nil {
-		t.Fatal(err)
-	}
 	child := filepath.Join(dir, "child.vmdk")
-	if err := d.Create(child, o); err != nil {
+	if err := formatstest.Create(t, "vmdk", child, "size=2M,backing_file=base.vmdk,backing_fmt=vmdk"); err != nil {
 		t.Fatal(err)
 	}
 	img, err := formats.Open(child, formats.OpenOptions{Format: "vmdk"})
@@ -40,16 +36,15 @@ func TestBacking(t *testing.T) {
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := readAll(t, child), qemuRaw(t, dir, "child.vmdk"); !bytes.Equal(got, want) {
-		t.Errorf("child reads differently from qemu-img convert")
-	}
-	run(t, dir, "qemu-img", "check", "child.vmdk")
-	compareInfo(t, dir, "child.vmdk")
-	compareMap(t, dir, "child.vmdk")
+	ro := formatstest.Open(t, child, formats.OpenOptions{Format: "vmdk", ReadOnly: true})
+	formatstest.SameAsQemuRaw(t, ro)
+	ro.Close() // base.vmdk is written below
+	formatstest.Exec(t, "qemu-img", "check", filepath.Join(dir, "child.vmdk"))
+	formatstest.SameInfoAndMap(t, "vmdk", filepath.Join(dir, "child.vmdk"))
 
 	// Writing the parent gives it a new CID: the child's parentCID no
 	// longer matches and reads of unallocated grains fail.
-	run(t, dir, "qemu-io", "-f", "vmdk", "-c", "write -P 1 1M 512", "base.vmdk")
+	formatstest.QemuIO(t, "vmdk", filepath.Join(dir, "base.vmdk"), "write -P 1 1M 512")
 	img, err = formats.Open(child, formats.OpenOptions{Format: "vmdk", ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)

@@ -12,12 +12,13 @@ import (
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // TestCheck: a grain pointing past the end of its file fails the check
 // with QEMU's message; a clean image passes; repairs are unsupported.
 func TestCheck(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
 	name := filepath.Join(dir, "c.vmdk")
 	img := created(t, name, "subformat=monolithicSparse", 1<<20)
@@ -68,7 +69,7 @@ func TestCheck(t *testing.T) {
 // TestMultiExtentPassesQemu writes across the extents of a hand-written
 // descriptor and has qemu-img compare the result.
 func TestMultiExtentPassesQemu(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireQemu(t)
 	const size = 4<<20 + 3*512
 	img := multiExtent(t, size)
 	want := make([]byte, size)
@@ -87,8 +88,7 @@ func TestMultiExtentPassesQemu(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "want.raw"), want, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	run(t, dir, "qemu-img", "check", "multi.vmdk")
-	run(t, dir, "qemu-img", "compare", "-f", "vmdk", "-F", "raw", "multi.vmdk", "want.raw")
-	compareInfo(t, dir, "multi.vmdk")
-	compareMap(t, dir, "multi.vmdk")
+	formatstest.Exec(t, "qemu-img", "check", filepath.Join(dir, "multi.vmdk"))
+	formatstest.Exec(t, "qemu-img", "compare", "-f", "vmdk", "-F", "raw", filepath.Join(dir, "multi.vmdk"), filepath.Join(dir, "want.raw"))
+	formatstest.SameInfoAndMap(t, "vmdk", filepath.Join(dir, "multi.vmdk"))
 }

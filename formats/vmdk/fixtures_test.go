@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // Extent kinds qemu-img cannot create are built here by hand: a VMDK3
@@ -71,7 +72,7 @@ func descriptorFor(createType, line string) []byte {
 }
 
 func TestHandMadeExtents(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireQemu(t)
 	for _, tc := range []struct {
 		name, createType, line string
 		extent                 []byte
@@ -88,15 +89,11 @@ func TestHandMadeExtents(t *testing.T) {
 				t.Fatal(err)
 			}
 			name := filepath.Join(dir, "d.vmdk")
-			got := readAll(t, name)
-			if want := qemuRaw(t, dir, "d.vmdk"); !bytes.Equal(got, want) {
-				t.Errorf("content differs from qemu-img convert -O raw")
-			}
+			got := formatstest.SameAsQemuRaw(t, formatstest.Open(t, name, formats.OpenOptions{Format: "vmdk", ReadOnly: true}))
 			if bytes.Count(got, []byte{0}) > len(got)-8192 {
 				t.Errorf("the extent's grains read as zeroes")
 			}
-			compareInfo(t, dir, "d.vmdk")
-			compareMap(t, dir, "d.vmdk")
+			formatstest.SameInfoAndMap(t, "vmdk", filepath.Join(dir, "d.vmdk"))
 		})
 	}
 	// seSparse is read-only.

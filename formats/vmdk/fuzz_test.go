@@ -2,11 +2,11 @@ package vmdk_test
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // FuzzOpen opens arbitrary bytes as a VMDK image (a sparse header, a
@@ -17,23 +17,20 @@ func FuzzOpen(f *testing.F) {
 	f.Add(cowdExtent())
 	f.Add(seSparseExtent())
 	f.Add(descriptorFor("monolithicFlat", `RW 8 FLAT "missing" 0`))
-	if _, err := exec.LookPath("qemu-img"); err == nil {
-		dir := f.TempDir()
-		for i, opts := range []string{"subformat=monolithicSparse", "subformat=streamOptimized", "zeroed_grain=on"} {
-			name := filepath.Join(dir, "seed.vmdk")
-			os.Remove(name)
-			if out, err := exec.Command("qemu-img", "create", "-q", "-f", "vmdk", "-o", opts, name, "1M").CombinedOutput(); err != nil {
-				f.Fatalf("qemu-img create: %v\n%s", err, out)
-			}
-			if i == 1 {
-				exec.Command("qemu-io", "-f", "vmdk", "-c", "write -P 7 0 64k", name).Run()
-			}
-			b, err := os.ReadFile(name)
-			if err != nil {
-				f.Fatal(err)
-			}
-			f.Add(b[:min(len(b), 24<<10)])
+	formatstest.RequireQemu(f)
+	dir := f.TempDir()
+	for i, opts := range []string{"subformat=monolithicSparse", "subformat=streamOptimized", "zeroed_grain=on"} {
+		name := filepath.Join(dir, "seed.vmdk")
+		os.Remove(name)
+		formatstest.Exec(f, "qemu-img", "create", "-q", "-f", "vmdk", "-o", opts, name, "1M")
+		if i == 1 {
+			formatstest.QemuIO(f, "vmdk", name, "write -P 7 0 64k")
 		}
+		b, err := os.ReadFile(name)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b[:min(len(b), 24<<10)])
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		name := filepath.Join(t.TempDir(), "f.vmdk")

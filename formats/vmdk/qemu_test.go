@@ -6,83 +6,21 @@ import (
 	"encoding/binary"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/imgfs/imgfs/control"
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // Differential tests against QEMU 7.2's qemu-img and qemu-io.
 
-func needQemu(t *testing.T) {
-	t.Helper()
-	for _, tool := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
-}
-
-// run runs a tool in dir and returns its standard output.
-func run(t *testing.T, dir, name string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command(name, args...)
-	cmd.Dir = dir
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s %s: %v\n%s%s", name, strings.Join(args, " "), err, stdout.String(), stderr.String())
-	}
-	return stdout.String()
-}
-
-// readAll reads every guest byte of an image through our driver.
-func readAll(t *testing.T, name string) []byte {
-	t.Helper()
-	img, err := formats.Open(name, formats.OpenOptions{Format: "vmdk", ReadOnly: true})
-	if err != nil {
-		t.Fatalf("open %s: %v", name, err)
-	}
-	defer img.Close()
-	buf := make([]byte, img.Size())
-	if n, err := img.ReadAt(buf, 0); n != len(buf) {
-		t.Fatalf("ReadAt %s: %d, %v", name, n, err)
-	}
-	return buf
-}
-
-// qemuRaw is the image's content as qemu-img convert -O raw sees it.
-func qemuRaw(t *testing.T, dir, name string) []byte {
-	t.Helper()
-	out := filepath.Join(t.TempDir(), "out.raw")
-	run(t, dir, "qemu-img", "convert", "-f", "vmdk", "-O", "raw", name, out)
-	b, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-// info renders what imgfs info prints, human and JSON.
-func info(t *testing.T, name string) (string, string) {
-	t.Helper()
-	list, err := control.Info(control.InfoOptions{Filename: name, Open: func(f, format string) (formats.Image, error) {
-		return formats.Open(f, formats.OpenOptions{Format: format, ReadOnly: true, NoIO: true, NoBacking: true})
-	}})
-	if err != nil {
-		t.Fatalf("info %s: %v", name, err)
-	}
-	return list.Human(), list.JSON()
-}
-
-// qemuIO are the writes made to images before reading them back: data
+// qemuWrites are the writes made to images before reading them back: data
 // across grains and extents' ends, a partial grain, zeroes.
-var qemuIO = []string{
+var qemuWrites = []string{
 	"write -P 0x11 0 4k",
 	"write -P 0x22 60k 8k",
 	"write -P 0x33 1M 128k",
@@ -91,7 +29,7 @@ var qemuIO = []string{
 }
 
 func TestReadQemuImages(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireQemu(t)
 	for _, tc := range []struct{ name, opts string }{
 		{"sparse", "subformat=monolithicSparse"},
 		{"zeroed", "subformat=monolithicSparse,zeroed_grain=on"},
@@ -103,100 +41,13 @@ func TestReadQemuImages(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			dir := t.TempDir()
-			run(t, dir, "qemu-img", "create", "-f", "vmdk", "-o", tc.opts, "img.vmdk", "5000k")
-			args := []string{"-f", "vmdk"}
-			for _, c := range qemuIO {
-				args = append(args, "-c", c)
-			}
-			run(t, dir, "qemu-io", append(args, "img.vmdk")...)
 			name := filepath.Join(dir, "img.vmdk")
-			if got, want := readAll(t, name), qemuRaw(t, dir, "img.vmdk"); !bytes.Equal(got, want) {
-				t.Errorf("content differs from qemu-img convert -O raw")
-			}
-			compareInfo(t, dir, "img.vmdk")
-			compareMap(t, dir, "img.vmdk")
+			formatstest.Exec(t, "qemu-img", "create", "-f", "vmdk", "-o", tc.opts, name, "5000k")
+			formatstest.QemuIO(t, "vmdk", name, qemuWrites...)
+			formatstest.SameAsQemuRaw(t, formatstest.Open(t, name, formats.OpenOptions{Format: "vmdk", ReadOnly: true}))
+			formatstest.SameInfoAndMap(t, "vmdk", name)
 		})
 	}
-}
-
-// compareInfo checks that info (human and JSON) matches qemu-img's.
-func compareInfo(t *testing.T, dir, base string) {
-	t.Helper()
-	wd, _ := os.Getwd()
-	if err := os.Chdir(dir); err != nil {
-		t.Fatal(err)
-	}
-	human, js := info(t, base)
-	os.Chdir(wd)
-	if want := run(t, dir, "qemu-img", "info", "-f", "vmdk", base); human != want {
-		t.Errorf("info:\n%s\nqemu-img:\n%s", human, want)
-	}
-	if want := run(t, dir, "qemu-img", "info", "-f", "vmdk", "--output=json", base); js != want {
-		t.Errorf("info --output=json:\n%s\nqemu-img:\n%s", js, want)
-	}
-}
-
-// compareMap checks block status against qemu-img map --output=json.
-func compareMap(t *testing.T, dir, base string) {
-	t.Helper()
-	img, err := formats.Open(filepath.Join(dir, base), formats.OpenOptions{Format: "vmdk", ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	want := run(t, dir, "qemu-img", "map", "-f", "vmdk", "--output=json", base)
-	var b strings.Builder
-	b.WriteString("[")
-	type row struct {
-		start, length, offset int64
-		depth                 int
-		present, zero, data   bool
-		hasOffset             bool
-	}
-	var rows []row
-	for off := int64(0); off < img.Size(); {
-		e, err := formats.ChainStatus(img, off, img.Size()-off)
-		if err != nil {
-			t.Fatal(err)
-		}
-		r := row{start: off, length: e.Length, depth: e.Depth, present: e.Present, zero: e.Status&formats.StatusZero != 0,
-			data: e.Status&formats.StatusData != 0, hasOffset: e.Status&formats.StatusOffsetValid != 0, offset: e.Offset}
-		if n := len(rows); n > 0 {
-			p := &rows[n-1]
-			if p.depth == r.depth && p.present == r.present && p.zero == r.zero && p.data == r.data && p.hasOffset == r.hasOffset &&
-				(!r.hasOffset || p.offset+p.length == r.offset) {
-				p.length += r.length
-				off += e.Length
-				continue
-			}
-		}
-		rows = append(rows, r)
-		off += e.Length
-	}
-	for i, r := range rows {
-		if i > 0 {
-			b.WriteString(",\n")
-		}
-		b.WriteString(`{ "start": ` + itoa(r.start) + `, "length": ` + itoa(r.length) + `, "depth": ` + itoa(int64(r.depth)) + `, "present": ` +
-			btoa(r.present) + `, "zero": ` + btoa(r.zero) + `, "data": ` + btoa(r.data))
-		if r.hasOffset {
-			b.WriteString(`, "offset": ` + itoa(r.offset))
-		}
-		b.WriteString("}")
-	}
-	b.WriteString("]\n")
-	if b.String() != want {
-		t.Errorf("block status:\n%s\nqemu-img map:\n%s", b.String(), want)
-	}
-}
-
-func itoa(n int64) string { return strconv.FormatInt(n, 10) }
-
-func btoa(b bool) string {
-	if b {
-		return "true"
-	}
-	return "false"
 }
 
 var cidLine = regexp.MustCompile(`(?m)^CID=[0-9a-f]+$`)
@@ -245,7 +96,7 @@ func sameModuloCID(t *testing.T, a, b string) {
 }
 
 func TestCreateMatchesQemu(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireQemu(t)
 	for _, tc := range []struct {
 		opts  string
 		size  string
@@ -261,20 +112,15 @@ func TestCreateMatchesQemu(t *testing.T) {
 	} {
 		t.Run(tc.opts, func(t *testing.T) {
 			ours, theirs := t.TempDir(), t.TempDir()
-			d := formats.Lookup("vmdk")
-			o := formats.NewOptions(d.CreateSpecs())
-			if err := o.Parse(tc.opts + ",size=" + tc.size); err != nil {
+			if err := formatstest.Create(t, "vmdk", filepath.Join(ours, "img.vmdk"), tc.opts+",size="+tc.size); err != nil {
 				t.Fatal(err)
 			}
-			if err := d.Create(filepath.Join(ours, "img.vmdk"), o); err != nil {
-				t.Fatal(err)
-			}
-			run(t, theirs, "qemu-img", "create", "-q", "-f", "vmdk", "-o", tc.opts, "img.vmdk", tc.size)
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vmdk", "-o", tc.opts, filepath.Join(theirs, "img.vmdk"), tc.size)
 			for _, f := range append([]string{"img.vmdk"}, tc.files...) {
 				sameModuloCID(t, filepath.Join(ours, f), filepath.Join(theirs, f))
 			}
-			run(t, ours, "qemu-img", "check", "img.vmdk")
-			compareInfo(t, ours, "img.vmdk")
+			formatstest.Exec(t, "qemu-img", "check", filepath.Join(ours, "img.vmdk"))
+			formatstest.SameInfoAndMap(t, "vmdk", filepath.Join(ours, "img.vmdk"))
 		})
 	}
 }
@@ -295,12 +141,7 @@ func TestCreateErrors(t *testing.T) {
 		{"backing_file=base.raw", "Invalid backing file format: raw. Must be vmdk"},
 		{"preallocation=metadata", "Unsupported preallocation mode: metadata"},
 	} {
-		d := formats.Lookup("vmdk")
-		o := formats.NewOptions(d.CreateSpecs())
-		if err := o.Parse(tc.opts + ",size=1M"); err != nil {
-			t.Fatal(err)
-		}
-		err := d.Create(filepath.Join(dir, "img.vmdk"), o)
+		err := formatstest.Create(t, "vmdk", filepath.Join(dir, "img.vmdk"), tc.opts+",size=1M")
 		if err == nil || err.Error() != tc.want {
 			t.Errorf("-o %s: %v, want %q", tc.opts, err, tc.want)
 		}
@@ -319,7 +160,7 @@ func pattern(n int, seed uint64) []byte {
 }
 
 func TestOurWritesPassQemu(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireQemu(t)
 	const size = 3<<20 + 1536
 	for _, opts := range []string{"subformat=monolithicSparse", "zeroed_grain=on", "subformat=twoGbMaxExtentSparse", "subformat=monolithicFlat"} {
 		t.Run(opts, func(t *testing.T) {
@@ -347,10 +188,9 @@ func TestOurWritesPassQemu(t *testing.T) {
 			if err := os.WriteFile(raw, want, 0o644); err != nil {
 				t.Fatal(err)
 			}
-			run(t, dir, "qemu-img", "check", "img.vmdk")
-			run(t, dir, "qemu-img", "compare", "-f", "vmdk", "-F", "raw", "img.vmdk", "want.raw")
-			compareInfo(t, dir, "img.vmdk")
-			compareMap(t, dir, "img.vmdk")
+			formatstest.Exec(t, "qemu-img", "check", filepath.Join(dir, "img.vmdk"))
+			formatstest.Exec(t, "qemu-img", "compare", "-f", "vmdk", "-F", "raw", filepath.Join(dir, "img.vmdk"), filepath.Join(dir, "want.raw"))
+			formatstest.SameInfoAndMap(t, "vmdk", filepath.Join(dir, "img.vmdk"))
 		})
 	}
 }
@@ -358,19 +198,10 @@ func TestOurWritesPassQemu(t *testing.T) {
 // created makes an image with our driver and opens it read-write.
 func created(t *testing.T, name, opts string, size int64) formats.Image {
 	t.Helper()
-	d := formats.Lookup("vmdk")
-	o := formats.NewOptions(d.CreateSpecs())
-	if err := o.Parse(opts + ",size=" + itoa(size)); err != nil {
+	if err := formatstest.Create(t, "vmdk", name, opts+",size="+strconv.FormatInt(size, 10)); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Create(name, o); err != nil {
-		t.Fatal(err)
-	}
-	img, err := formats.Open(name, formats.OpenOptions{Format: "vmdk"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return img
+	return formatstest.Open(t, name, formats.OpenOptions{Format: "vmdk"})
 }
 
 // TestStreamConvert converts the same content to streamOptimized with
@@ -378,7 +209,7 @@ func created(t *testing.T, name, opts string, size int64) formats.Image {
 // the compressed bytes, which another deflate implementation makes
 // differently) and read the same.
 func TestStreamConvert(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
 	const size = 1<<20 + 200*1024 + 512
 	data := append(pattern(1<<20, 7), make([]byte, 200*1024+512)...)
@@ -397,20 +228,20 @@ func TestStreamConvert(t *testing.T) {
 		Target: ours, TargetFormat: "vmdk", Options: "subformat=streamOptimized", SparseSize: control.DefaultSparseSize}); err != nil {
 		t.Fatal(err)
 	}
-	run(t, dir, "qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "src.raw", "theirs.vmdk")
+	formatstest.Exec(t, "qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", filepath.Join(dir, "src.raw"), filepath.Join(dir, "theirs.vmdk"))
 	a, _ := os.ReadFile(ours)
 	b, _ := os.ReadFile(filepath.Join(dir, "theirs.vmdk"))
 	// Header and descriptor (but the CID and the file name) agree.
 	if !bytes.Equal(a[:0x200], b[:0x200]) {
 		t.Errorf("headers differ:\n%x\n%x", a[:80], b[:80])
 	}
-	run(t, dir, "qemu-img", "check", "ours.vmdk")
-	run(t, dir, "qemu-img", "compare", "-f", "vmdk", "-F", "raw", "ours.vmdk", "src.raw")
-	if got := readAll(t, filepath.Join(dir, "theirs.vmdk")); !bytes.Equal(got, data) {
+	formatstest.Exec(t, "qemu-img", "check", filepath.Join(dir, "ours.vmdk"))
+	formatstest.Exec(t, "qemu-img", "compare", "-f", "vmdk", "-F", "raw", filepath.Join(dir, "ours.vmdk"), filepath.Join(dir, "src.raw"))
+	if got := formatstest.ReadAll(t, formatstest.Open(t, filepath.Join(dir, "theirs.vmdk"), formats.OpenOptions{Format: "vmdk", ReadOnly: true})); !bytes.Equal(got, data) {
 		t.Errorf("qemu-img's stream image reads differently")
 	}
 	if len(a) != len(b) {
 		t.Logf("file sizes: ours %d, qemu-img %d", len(a), len(b))
 	}
-	compareMap(t, dir, "ours.vmdk")
+	formatstest.SameInfoAndMap(t, "vmdk", filepath.Join(dir, "ours.vmdk"))
 }

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 var errInvalid = syscall.EINVAL
@@ -17,7 +18,7 @@ var errInvalid = syscall.EINVAL
 // compressed, and refuses partial grains and rewrites as QEMU does;
 // what it holds reads back through qemu-img.
 func TestStreamWrites(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
 	const size = 5*65536 + 1024
 	name := filepath.Join(dir, "s.vmdk")
@@ -64,12 +65,12 @@ func TestStreamWrites(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "want.raw"), want, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	run(t, dir, "qemu-img", "check", "s.vmdk")
-	run(t, dir, "qemu-img", "compare", "-f", "vmdk", "-F", "raw", "s.vmdk", "want.raw")
-	if got := readAll(t, name); !bytes.Equal(got, want) {
+	formatstest.Exec(t, "qemu-img", "check", filepath.Join(dir, "s.vmdk"))
+	formatstest.Exec(t, "qemu-img", "compare", "-f", "vmdk", "-F", "raw", filepath.Join(dir, "s.vmdk"), filepath.Join(dir, "want.raw"))
+	if got := formatstest.ReadAll(t, formatstest.Open(t, name, formats.OpenOptions{Format: "vmdk", ReadOnly: true})); !bytes.Equal(got, want) {
 		t.Errorf("stream image reads back differently")
 	}
-	compareInfo(t, dir, "s.vmdk")
+	formatstest.SameInfoAndMap(t, "vmdk", filepath.Join(dir, "s.vmdk"))
 }
 
 // TestConvertCompressedToSparse: convert -c to a monolithicSparse image
@@ -91,13 +92,13 @@ func TestCompressToSparse(t *testing.T) {
 // with the grain directory given by a footer at the end of the file (the
 // header says "at end"), as qemu-img reads it.
 func TestStreamFooter(t *testing.T) {
-	needQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
 	data := append(pattern(3*65536, 9), make([]byte, 65536+512)...)
 	if err := os.WriteFile(filepath.Join(dir, "src.raw"), data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	run(t, dir, "qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "src.raw", "s.vmdk")
+	formatstest.Exec(t, "qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", filepath.Join(dir, "src.raw"), filepath.Join(dir, "s.vmdk"))
 	b, err := os.ReadFile(filepath.Join(dir, "s.vmdk"))
 	if err != nil {
 		t.Fatal(err)
@@ -113,12 +114,10 @@ func TestStreamFooter(t *testing.T) {
 		t.Fatal(err)
 	}
 	name := filepath.Join(dir, "s.vmdk")
-	got := readAll(t, name)
-	if want := qemuRaw(t, dir, "s.vmdk"); !bytes.Equal(got, want) || !bytes.Equal(got, data) {
-		t.Errorf("footer image reads differently from qemu-img (or the source)")
+	if got := formatstest.SameAsQemuRaw(t, formatstest.Open(t, name, formats.OpenOptions{Format: "vmdk", ReadOnly: true})); !bytes.Equal(got, data) {
+		t.Errorf("footer image reads differently from the source")
 	}
-	compareInfo(t, dir, "s.vmdk")
-	compareMap(t, dir, "s.vmdk")
+	formatstest.SameInfoAndMap(t, "vmdk", name)
 	// A broken footer is refused, as QEMU refuses it.
 	b[len(b)-3*512+12] = 2
 	os.WriteFile(name, b, 0o644)

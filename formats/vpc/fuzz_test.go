@@ -3,11 +3,11 @@ package vpc
 import (
 	"bytes"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // fuzzSeeds are small images made by qemu-img: empty dynamic disks and
@@ -15,12 +15,10 @@ import (
 // too large for the fuzzer to mutate quickly; the fuzzer reaches
 // allocated blocks by mutating BAT entries of the empty ones.
 func fuzzSeeds(f *testing.F) [][]byte {
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		return nil
-	}
+	formatstest.RequireQemu(f)
 	dir := f.TempDir()
 	var seeds [][]byte
-	for i, c := range []struct {
+	for _, c := range []struct {
 		opts, size, write string
 	}{
 		{"subformat=dynamic", "3M", ""},
@@ -29,13 +27,9 @@ func fuzzSeeds(f *testing.F) [][]byte {
 	} {
 		name := filepath.Join(dir, "seed.vhd")
 		os.Remove(name)
-		if out, err := exec.Command("qemu-img", "create", "-q", "-f", "vpc", "-o", c.opts, name, c.size).CombinedOutput(); err != nil {
-			f.Fatalf("seed %d: %v: %s", i, err, out)
-		}
+		formatstest.Exec(f, "qemu-img", "create", "-q", "-f", "vpc", "-o", c.opts, name, c.size)
 		if c.write != "" {
-			if out, err := exec.Command("qemu-io", "-f", "vpc", "-c", c.write, name).CombinedOutput(); err != nil {
-				f.Fatalf("seed %d: %v: %s", i, err, out)
-			}
+			formatstest.QemuIO(f, "vpc", name, c.write)
 		}
 		b, err := os.ReadFile(name)
 		if err != nil {

@@ -3,7 +3,6 @@ package vpc
 import (
 	"bytes"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -16,21 +15,13 @@ import (
 	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
-// sizeHidden hides a dynamic image's 2 MiB block size from the
-// conformance suite, which aims its writes at up to eight clusters, more
-// than its image holds. Its long writes still cross block boundaries.
-type sizeHidden struct{ formats.Image }
-
 // The conformance suite needs the exact size it asks for, which only
 // force_size gives (otherwise the size is rounded to a CHS geometry);
 // dynamic images with and without force_size share every code path but
 // the size calculation, which TestCreateMatchesQemu covers.
 func TestConformance(t *testing.T) {
 	for _, opts := range []string{"force_size=on", "force_size=on,subformat=fixed"} {
-		t.Run(opts, func(t *testing.T) {
-			created := formatstest.Created("vpc", opts)
-			formatstest.Run(t, func(t *testing.T, size int64) formats.Image { return sizeHidden{created(t, size)} })
-		})
+		t.Run(opts, func(t *testing.T) { formatstest.Run(t, formatstest.Created("vpc", opts)) })
 	}
 }
 
@@ -62,7 +53,7 @@ var qemuVariants = []string{"", "subformat=fixed", "force_size=on", "subformat=f
 // write -z, a partial last block) and compares them with qemu-img's raw
 // conversion, and info and map with qemu-img's.
 func TestReadQemuImages(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, opts := range qemuVariants {
 		t.Run("opts="+opts, func(t *testing.T) {
 			t.Parallel()
@@ -71,15 +62,10 @@ func TestReadQemuImages(t *testing.T) {
 			if opts != "" {
 				args = append(args, "-o", opts)
 			}
-			run(t, "qemu-img", args...)
-			run(t, "qemu-io", "-f", "vpc", "-c", "write -P 1 1M 4k", "-c", "write -z 5M 4k",
-				"-c", "write -P 2 2047k 2k", "-c", "write -P 3 10M 900k", "-c", "write -P 4 0 512", name)
-			img := openImage(t, name, true)
-			got, want := readAll(t, img), rawOf(t, name)
-			if i := firstDiff(got, want); i >= 0 {
-				t.Fatalf("byte %d differs from qemu-img convert (sizes %d, %d)", i, len(got), len(want))
-			}
-			compareReports(t, name)
+			formatstest.Exec(t, "qemu-img", args...)
+			formatstest.QemuIO(t, "vpc", name, "write -P 1 1M 4k", "write -z 5M 4k", "write -P 2 2047k 2k", "write -P 3 10M 900k", "write -P 4 0 512")
+			formatstest.SameAsQemuRaw(t, formatstest.Open(t, name, formats.OpenOptions{Format: "vpc", ReadOnly: true}))
+			formatstest.SameInfoAndMap(t, "vpc", name)
 		})
 	}
 }
@@ -87,7 +73,7 @@ func TestReadQemuImages(t *testing.T) {
 // TestWriteCheckedByQemu writes through our driver into images made by
 // qemu-img and by us and has qemu-img read them back.
 func TestWriteCheckedByQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, opts := range qemuVariants {
 		for _, maker := range []string{"qemu", "imgfs"} {
 			t.Run(maker+"/opts="+opts, func(t *testing.T) {
@@ -99,11 +85,11 @@ func TestWriteCheckedByQemu(t *testing.T) {
 					if opts != "" {
 						args = append(args, "-o", opts)
 					}
-					run(t, "qemu-img", args...)
-				} else if err := createImage(t, name, joinOpts("size=9M", opts)); err != nil {
+					formatstest.Exec(t, "qemu-img", args...)
+				} else if err := formatstest.Create(t, "vpc", name, joinOpts("size=9M", opts)); err != nil {
 					t.Fatal(err)
 				}
-				img := openImage(t, name, false)
+				img := formatstest.Open(t, name, formats.OpenOptions{Format: "vpc"})
 				want := make([]byte, img.Size())
 				for i, w := range []struct{ off, n int64 }{
 					{0, 100}, {2<<20 - 7, 20}, {3 << 20, 3 << 20}, {img.Size() - 1000, 1000}, {50, 10},
@@ -117,10 +103,10 @@ func TestWriteCheckedByQemu(t *testing.T) {
 				if err := img.Close(); err != nil {
 					t.Fatal(err)
 				}
-				if i := firstDiff(rawOf(t, name), want); i >= 0 {
+				if i := formatstest.FirstDiff(formatstest.QemuRaw(t, "vpc", name), want); i >= 0 {
 					t.Fatalf("qemu-img reads byte %d differently", i)
 				}
-				compareReports(t, name)
+				formatstest.SameInfoAndMap(t, "vpc", name)
 			})
 		}
 	}
@@ -137,7 +123,7 @@ func joinOpts(a, b string) string {
 // the virtual sizes (after CHS rounding), the file sizes and qemu-img
 // compare must agree.
 func TestCreateMatchesQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
 	for _, size := range []string{"0", "1000", "1M", "10M", "127M", "1G", "130G", "200G"} {
 		for _, opts := range qemuVariants {
@@ -151,15 +137,15 @@ func TestCreateMatchesQemu(t *testing.T) {
 			os.Remove(ours)
 			os.Remove(theirs)
 			all := joinOpts("size="+size, opts)
-			if err := createImage(t, ours, all); err != nil {
+			if err := formatstest.Create(t, "vpc", ours, all); err != nil {
 				t.Fatalf("create %s: %v", all, err)
 			}
-			run(t, "qemu-img", "create", "-q", "-f", "vpc", "-o", all, theirs)
-			a, b := qemuSize(t, ours), qemuSize(t, theirs)
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vpc", "-o", all, theirs)
+			a, b := formatstest.QemuVirtualSize(t, "vpc", ours), formatstest.QemuVirtualSize(t, "vpc", theirs)
 			if a != b {
 				t.Errorf("%s: virtual size %d, qemu-img made %d", all, a, b)
 			}
-			if img := openImage(t, ours, true); img.Size() != a {
+			if img := formatstest.Open(t, ours, formats.OpenOptions{Format: "vpc", ReadOnly: true}); img.Size() != a {
 				t.Errorf("%s: we read size %d, qemu-img %d", all, img.Size(), a)
 			}
 			sa, _ := os.Stat(ours)
@@ -167,21 +153,9 @@ func TestCreateMatchesQemu(t *testing.T) {
 			if sa.Size() != sb.Size() {
 				t.Errorf("%s: file size %d, qemu-img's %d", all, sa.Size(), sb.Size())
 			}
-			run(t, "qemu-img", "compare", "-U", "-f", "vpc", "-F", "vpc", ours, theirs)
+			formatstest.Exec(t, "qemu-img", "compare", "-U", "-f", "vpc", "-F", "vpc", ours, theirs)
 		}
 	}
-}
-
-// qemuSize is the virtual size qemu-img info reports.
-func qemuSize(t *testing.T, name string) int64 {
-	t.Helper()
-	var info struct {
-		VirtualSize int64 `json:"virtual-size"`
-	}
-	if err := json.Unmarshal([]byte(run(t, "qemu-img", "info", "-U", "-f", "vpc", "--output=json", name)), &info); err != nil {
-		t.Fatal(err)
-	}
-	return info.VirtualSize
 }
 
 func TestCreateErrors(t *testing.T) {
@@ -198,7 +172,7 @@ func TestCreateErrors(t *testing.T) {
 	} {
 		name := filepath.Join(dir, "x.vhd")
 		os.Remove(name)
-		err := createImage(t, name, tc.opts)
+		err := formatstest.Create(t, "vpc", name, tc.opts)
 		if err == nil || err.Error() != tc.msg {
 			t.Errorf("%s: %v, want %q", tc.opts, err, tc.msg)
 		}
@@ -228,7 +202,7 @@ func footerAt(t *testing.T, name string) int64 {
 // patchFooter rewrites a test image's footer and fixes its checksum.
 func patchFooter(t *testing.T, name string, change func(*Footer)) {
 	t.Helper()
-	patch(t, name, footerAt(t, name), footerSize, func(b []byte) {
+	formatstest.Patch(t, name, footerAt(t, name), footerSize, func(b []byte) {
 		ft := decodeFooter(b)
 		change(ft)
 		ft.Checksum = ft.footerChecksum()
@@ -236,29 +210,11 @@ func patchFooter(t *testing.T, name string, change func(*Footer)) {
 	})
 }
 
-// patch changes n bytes of a file at off.
-func patch(t *testing.T, name string, off int64, n int, change func([]byte)) {
-	t.Helper()
-	f, err := os.OpenFile(name, os.O_RDWR, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	b := make([]byte, n)
-	if _, err := f.ReadAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-	change(b)
-	if _, err := f.WriteAt(b, off); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // TestSizeRules hand-crafts footers of different creator applications,
 // geometries and current sizes and compares the virtual size qemu-img
 // info reports with ours.
 func TestSizeRules(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, sub := range []string{"dynamic", "fixed"} {
 		for _, tc := range []struct {
 			app         string
@@ -281,14 +237,14 @@ func TestSizeRules(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/%q/%d", sub, tc.app, tc.currentSize), func(t *testing.T) {
 				t.Parallel()
 				name := filepath.Join(t.TempDir(), "img.vhd")
-				run(t, "qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat="+sub, name, "32M")
+				formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat="+sub, name, "32M")
 				patchFooter(t, name, func(ft *Footer) {
 					copy(ft.CreatorApp[:], tc.app)
 					ft.Cylinders, ft.Heads, ft.SecsPerCyl = tc.c, tc.h, tc.s
 					ft.CurrentSize = tc.currentSize
 				})
-				want := qemuSize(t, name)
-				if got := openImage(t, name, true).Size(); got != want {
+				want := formatstest.QemuVirtualSize(t, "vpc", name)
+				if got := formatstest.Open(t, name, formats.OpenOptions{Format: "vpc", ReadOnly: true}).Size(); got != want {
 					t.Errorf("size %d, qemu-img says %d", got, want)
 				}
 			})
@@ -299,7 +255,7 @@ func TestSizeRules(t *testing.T) {
 // TestOpenErrors damages images and compares our error with the one
 // qemu-img info reports.
 func TestOpenErrors(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	be := binary.BigEndian
 	tests := []struct {
 		name   string
@@ -308,22 +264,22 @@ func TestOpenErrors(t *testing.T) {
 		kind   error
 	}{
 		{"checksum", "", func(t *testing.T, name string) {
-			patch(t, name, 64, 1, func(b []byte) { b[0]++ })
+			formatstest.Patch(t, name, 64, 1, func(b []byte) { b[0]++ })
 		}, formats.ErrCorrupt},
 		{"header magic", "", func(t *testing.T, name string) {
-			patch(t, name, 512, 1, func(b []byte) { b[0] = 'X' })
+			formatstest.Patch(t, name, 512, 1, func(b []byte) { b[0] = 'X' })
 		}, formats.ErrCorrupt},
 		{"block size", "", func(t *testing.T, name string) {
-			patch(t, name, 512+32, 4, func(b []byte) { be.PutUint32(b, 1000) })
+			formatstest.Patch(t, name, 512+32, 4, func(b []byte) { be.PutUint32(b, 1000) })
 		}, formats.ErrCorrupt},
 		{"small table", "", func(t *testing.T, name string) {
-			patch(t, name, 512+28, 4, func(b []byte) { be.PutUint32(b, 2) })
+			formatstest.Patch(t, name, 512+28, 4, func(b []byte) { be.PutUint32(b, 2) })
 		}, formats.ErrCorrupt},
 		{"huge table", "", func(t *testing.T, name string) {
-			patch(t, name, 512+28, 4, func(b []byte) { be.PutUint32(b, 0x80000000) })
+			formatstest.Patch(t, name, 512+28, 4, func(b []byte) { be.PutUint32(b, 0x80000000) })
 		}, formats.ErrCorrupt},
 		{"truncated", "", func(t *testing.T, name string) {
-			run(t, "qemu-io", "-f", "vpc", "-c", "write 4M 4k", name)
+			formatstest.QemuIO(t, "vpc", name, "write 4M 4k")
 			st, _ := os.Stat(name)
 			os.Truncate(name, st.Size()-4096)
 		}, formats.ErrCorrupt},
@@ -332,7 +288,7 @@ func TestOpenErrors(t *testing.T) {
 		}, formats.ErrUnsupported},
 		{"no footer", "subformat=fixed", func(t *testing.T, name string) {
 			st, _ := os.Stat(name)
-			patch(t, name, st.Size()-512, 1, func(b []byte) { b[0] = 'X' })
+			formatstest.Patch(t, name, st.Size()-512, 1, func(b []byte) { b[0] = 'X' })
 		}, formats.ErrWrongFormat},
 		{"tiny", "subformat=fixed", func(t *testing.T, name string) {
 			os.Truncate(name, 100)
@@ -342,13 +298,13 @@ func TestOpenErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			name := filepath.Join(t.TempDir(), "img.vhd")
-			run(t, "qemu-img", "create", "-q", "-f", "vpc", "-o", joinOpts("size=8M", tc.opts), name)
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vpc", "-o", joinOpts("size=8M", tc.opts), name)
 			tc.damage(t, name)
 			out, err := exec.Command("qemu-img", "info", "-U", "-f", "vpc", name).CombinedOutput()
 			if err == nil {
 				t.Fatalf("qemu-img opens the damaged image:\n%s", out)
 			}
-			_, ours := openRetry(name, formats.OpenOptions{Format: "vpc", ReadOnly: true})
+			_, ours := formatstest.OpenRetry(name, formats.OpenOptions{Format: "vpc", ReadOnly: true})
 			if ours == nil {
 				t.Fatal("we open the damaged image")
 			}
