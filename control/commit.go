@@ -331,7 +331,7 @@ func (c *committer) walk(ctx context.Context, fn func(commitJob) error) error {
 func (c *committer) copy(j commitJob, buf []byte) error {
 	c.limit.wait(j.n)
 	if j.zero {
-		if err := writeZeroes(c.base, j.off, j.n, buf); err != nil {
+		if err := writeZeroes(c.base, j.off, j.n); err != nil {
 			return ioErrorf(err, "error while writing at byte %d", j.off)
 		}
 	} else {

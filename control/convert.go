@@ -319,7 +319,7 @@ func (c *converter) setup() error {
 	}
 	// A new image reads as zeroes, so zero ranges need no writes, unless
 	// a backing file would show through or -S 0 asks for allocation.
-	c.hasZeroInit = o.TargetIsZero || !o.SkipCreate && c.minSparse != 0 && !c.targetHasBacking
+	c.hasZeroInit = o.TargetIsZero || !o.SkipCreate && c.minSparse != 0 && !c.targetHasBacking && hasZeroInit(c.target)
 	c.bufSize = copyBufSize
 	if compressed {
 		if c.cluster <= 0 || c.cluster > MaxSparseSize || c.cluster%sectorSize != 0 {
@@ -697,7 +697,7 @@ func (c *converter) write(w op, scratch []byte) error {
 			return nil
 		}
 		c.throttle(w.n)
-		err = writeZeroes(c.target, w.off, w.n, scratch)
+		err = writeZeroes(c.target, w.off, w.n)
 	case w.compressed:
 		c.throttle(int64(len(w.data)))
 		err = c.compressor.WriteCompressed(w.off, w.data)
@@ -723,20 +723,24 @@ func (c *converter) write(w op, scratch []byte) error {
 // writeZeroes zeroes [off, off+n) of img, with the driver's efficient
 // zero write when it has one, else by writing the zeroed scratch buffer
 // repeatedly.
-func writeZeroes(img formats.Image, off, n int64, scratch []byte) error {
+func writeZeroes(img formats.Image, off, n int64) error {
 	if z, ok := img.(formats.Zeroer); ok {
 		return z.WriteZeroes(off, n, true)
 	}
-	clear(scratch)
+	// zeroChunk is only ever read: a worker's own buffer may still hold
+	// data the chunk's later writes need.
 	for n > 0 {
-		k := min(n, int64(len(scratch)))
-		if _, err := img.WriteAt(scratch[:k], off); err != nil {
+		k := min(n, int64(len(zeroChunk)))
+		if _, err := img.WriteAt(zeroChunk[:k], off); err != nil {
 			return err
 		}
 		off, n = off+k, n-k
 	}
 	return nil
 }
+
+// zeroChunk is written where a target cannot write zeroes itself.
+var zeroChunk = make([]byte, 1<<20)
 
 // offloadable reports whether -C can copy [off, off+n) from one host
 // file to the other without the data passing through us: both the
@@ -874,3 +878,9 @@ func (e *ioError) Error() string { return e.msg }
 func (e *ioError) Unwrap() error { return e.err }
 
 func roundUp(n, unit int64) int64 { return (n + unit - 1) / unit * unit }
+
+// hasZeroInit reports whether a new img reads as zeroes.
+func hasZeroInit(img formats.Image) bool {
+	z, ok := img.(formats.ZeroInitReporter)
+	return !ok || z.HasZeroInit()
+}

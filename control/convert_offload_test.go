@@ -58,3 +58,51 @@ func TestConvertCopyOffload(t *testing.T) {
 		t.Fatalf("offloaded copy differs (%v)", err)
 	}
 }
+
+// plainTarget hides every capability of the image it wraps, such as
+// Zeroer, so convert writes zeroes through WriteAt.
+type plainTarget struct{ formats.Image }
+
+// TestConvertZeroesBetweenData: with -n into a target that cannot write
+// zeroes itself, a zero run in the middle of a chunk is written without
+// disturbing the data after it in the same chunk.
+func TestConvertZeroesBetweenData(t *testing.T) {
+	dir := t.TempDir()
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(i%251) + 1
+	}
+	clear(data[256<<10 : 768<<10]) // a zero run inside one chunk
+	src, dst := filepath.Join(dir, "src.raw"), filepath.Join(dir, "dst.raw")
+	if err := os.WriteFile(src, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, bytes.Repeat([]byte{0xff}, len(data)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	in, err := formats.Open(src, formats.OpenOptions{Format: "raw", ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	err = Convert(context.Background(), ConvertOptions{
+		Sources: []formats.Image{in}, Target: dst, TargetFormat: "raw", SkipCreate: true,
+		SparseSize: DefaultSparseSize, Workers: 1,
+		OpenTarget: func(bool) (formats.Image, error) {
+			img, err := formats.Open(dst, formats.OpenOptions{Format: "raw"})
+			return plainTarget{img}, err
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range got {
+		if got[i] != data[i] {
+			t.Fatalf("target differs from the source at byte %d", i)
+		}
+	}
+}

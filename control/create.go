@@ -29,6 +29,9 @@ type CreateOptions struct {
 	NoBackingOpen bool
 	// Options is the -o option list, several -o already joined by ','.
 	Options string
+	// Secrets holds the --object secrets by id, for options that name
+	// one (luks' key-secret).
+	Secrets map[string][]byte
 }
 
 // CreatePlan is a checked `create`: what the "Formatting" line shows and
@@ -71,6 +74,7 @@ func PlanCreate(o CreateOptions) (*CreatePlan, error) {
 		return nil, fmt.Errorf("Format driver '%s' does not support image creation", format)
 	}
 	opts := formats.NewOptions(d.CreateSpecs())
+	opts.Secrets = o.Secrets
 	if err := opts.Parse(o.Options); err != nil {
 		return nil, err
 	}

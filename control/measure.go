@@ -13,6 +13,9 @@ type MeasureOptions struct {
 	Format string
 	// Options is the -o list, several -o joined by ','.
 	Options string
+	// Secrets holds the --object secrets by id, for options that name
+	// one (luks' key-secret).
+	Secrets map[string][]byte
 	// Size is --size; negative when not given.
 	Size int64
 	// Source is the image whose content is measured; nil with Size.
@@ -50,6 +53,7 @@ func Measure(o MeasureOptions) (*MeasureReport, error) {
 		return nil, fmt.Errorf("Format driver '%s' does not support image creation", format)
 	}
 	opts := formats.NewOptions(d.CreateSpecs())
+	opts.Secrets = o.Secrets
 	if o.Options != "" {
 		if err := opts.Parse(o.Options); err != nil {
 			return nil, &OptionsError{Format: format, Err: err}

@@ -285,7 +285,7 @@ func writeZeroesNoUnmap(img formats.Image, off, n int64) error {
 	if z, ok := img.(formats.Zeroer); ok {
 		return z.WriteZeroes(off, n, false)
 	}
-	return writeZeroes(img, off, n, make([]byte, min(n, copyBufSize)))
+	return writeZeroes(img, off, n)
 }
 
 // errnoText is strerror of the error's errno, EIO for errors without

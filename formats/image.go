@@ -81,6 +81,14 @@ type Zeroer interface {
 	WriteZeroes(off, length int64, mayUnmap bool) error
 }
 
+// ZeroInitReporter is implemented by images that may not read as zeroes
+// when new (QEMU's bdrv_has_zero_init): a new LUKS image's sectors
+// decrypt to noise, so convert must write its zero ranges. Images
+// without it read as zeroes when new.
+type ZeroInitReporter interface {
+	HasZeroInit() bool
+}
+
 // Discarder drops the data in a range. Afterwards the range reads as
 // zeroes or, for images with a backing file, as the backing data.
 type Discarder interface {
@@ -286,7 +294,8 @@ const QEMUNodeName = "#block126"
 
 // Amender changes the format options of an existing image in place
 // (qemu-img amend). opts holds values for the driver's AmendOptions;
-// force is --force.
+// force is --force. progress, when not nil, is told how much of the
+// (projected) work is done, as QEMU's amend status callback.
 type Amender interface {
-	Amend(opts *Options, force bool) error
+	Amend(opts *Options, force bool, progress func(done, total int64)) error
 }

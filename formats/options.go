@@ -74,8 +74,11 @@ func findSpec(specs []OptionSpec, name string) *OptionSpec {
 
 // Options holds option values given by the user, checked against specs.
 type Options struct {
-	Specs  []OptionSpec
-	values map[string]string
+	Specs []OptionSpec
+	// Secrets holds the data of --object secret definitions by id, for
+	// options such as luks' key-secret that name one.
+	Secrets map[string][]byte
+	values  map[string]string
 }
 
 // NewOptions returns an empty set of options for specs.

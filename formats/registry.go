@@ -28,6 +28,10 @@ type Driver struct {
 	Create func(filename string, opts *Options) error
 	// CreateOptions are the -o options, in QEMU's table order.
 	CreateOptions []OptionSpec
+	// AmendOptions are the options `amend -o` takes, in QEMU's table
+	// order; nil when the driver's images cannot be amended (they then
+	// do not implement Amender).
+	AmendOptions []OptionSpec
 	// ReadOnly drivers (dmg, bochs, cloop) refuse writes and creation.
 	ReadOnly bool
 	// CanCompress: the driver's images implement CompressedWriter.
@@ -152,6 +156,11 @@ type OpenOptions struct {
 	// Warn receives warnings QEMU prints on stderr, e.g. about probed
 	// raw images. nil discards them.
 	Warn func(msg string)
+	// Secrets holds the data of --object secret definitions by id;
+	// KeySecret names the one holding an encrypted image's passphrase
+	// (the luks driver's key-secret open option).
+	Secrets   map[string][]byte
+	KeySecret string
 	// Probed is set by Open when the format was guessed; drivers use it
 	// (raw refuses writes that would change the probe result).
 	Probed bool

@@ -32,7 +32,7 @@ func Errno(err error) syscall.Errno {
 		return syscall.EIO
 	case errors.Is(err, formats.ErrUnsupported), errors.Is(err, control.ErrCheckUnsupported):
 		return syscall.EOPNOTSUPP
-	case errors.Is(err, formats.ErrInvalidOption):
+	case errors.Is(err, formats.ErrInvalidOption), errors.Is(err, errUsage), errors.Is(err, control.ErrShrinkRefused):
 		return syscall.EINVAL
 	case errors.Is(err, context.Canceled):
 		return syscall.EINTR

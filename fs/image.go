@@ -56,6 +56,12 @@ func (d *imageDir) OnAdd(ctx context.Context) {
 		ch := d.NewPersistentInode(ctx, &reportNode{dir: d, kind: k}, gofs.StableAttr{Mode: syscall.S_IFREG})
 		d.AddChild(k.name, ch, false)
 	}
+	d.AddChild("convert-to", d.NewPersistentInode(ctx, &convertDir{dir: d}, gofs.StableAttr{Mode: syscall.S_IFDIR}), false)
+	// ctl, status and snapshots/ share the record of the last operation.
+	st := &opState{}
+	d.AddChild("ctl", d.NewPersistentInode(ctx, &ctlNode{dir: d, st: st}, gofs.StableAttr{Mode: syscall.S_IFREG}), false)
+	d.AddChild("status", d.NewPersistentInode(ctx, &statusNode{dir: d, st: st}, gofs.StableAttr{Mode: syscall.S_IFREG}), false)
+	d.AddChild("snapshots", d.NewPersistentInode(ctx, &snapshotsDir{dir: d, st: st}, gofs.StableAttr{Mode: syscall.S_IFDIR}), false)
 }
 
 func (d *imageDir) Getattr(ctx context.Context, _ gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {

@@ -117,7 +117,11 @@ type opener struct {
 	noIO bool
 	// secrets holds the data of --object secret definitions by id.
 	secrets map[string][]byte
-	stderr  io.Writer
+	// keySecret is the key-secret images are opened with unless
+	// --image-opts names one: convert's target gets the one of its -o
+	// options, as qemu-img passes creation options on to the open.
+	keySecret string
+	stderr    io.Writer
 }
 
 // newOpener reads the shared flags and creates the --object secrets,
@@ -309,6 +313,8 @@ func (o *opener) open(filename, format string, readOnly, noBacking bool) (format
 		Direct:     o.direct,
 		Check:      o.check,
 		NoIO:       o.noIO,
+		Secrets:    o.secrets,
+		KeySecret:  o.keySecret,
 		// Drivers' warnings (raw's about a guessed format) are whole
 		// lines without the newline.
 		Warn: func(msg string) { fmt.Fprintln(o.stderr, msg) },
@@ -377,6 +383,9 @@ func (o *opener) applyImageOpts(optstr string, oo *formats.OpenOptions) (string,
 				return "", fmt.Errorf("Parameter 'read-only' expects 'on' or 'off'")
 			}
 			oo.ReadOnly = oo.ReadOnly || ro
+		case "key-secret":
+			// Checked against the driver below: driver= may come later.
+			oo.KeySecret = kv.value
 		case "cache.direct":
 			direct, err := formats.ParseBool(kv.value)
 			if err != nil {
@@ -392,6 +401,10 @@ func (o *opener) applyImageOpts(optstr string, oo *formats.OpenOptions) (string,
 			}
 			return "", fmt.Errorf("Block format '%s' does not support the option '%s'", oo.Format, kv.key)
 		}
+	}
+	if oo.KeySecret != "" && oo.Format != "" && oo.Format != "luks" {
+		// Without driver= the probed driver takes it, as in QEMU.
+		return "", fmt.Errorf("Block format '%s' does not support the option 'key-secret'", oo.Format)
 	}
 	switch {
 	case filename != "":

@@ -193,20 +193,25 @@ func runConvert(c *cli.Context) error {
 		defer view.Close()
 		inputs = []formats.Image{view}
 	}
-	switch {
-	case f.bitmaps:
-		return errors.New("Copying bitmaps (--bitmaps) is not supported yet")
+	if f.bitmaps {
+		if err := control.CheckCopyBitmaps(sources, f.outFmt, f.skipBrokenBmaps); err != nil {
+			return err
+		}
 	}
 	err = control.Convert(c.Context, control.ConvertOptions{
 		Sources:      inputs,
 		Target:       target,
 		TargetFormat: f.outFmt,
 		Options:      f.options,
+		Secrets:      op.secrets,
 		SkipCreate:   f.skipCreate,
 		OpenTarget: func(direct bool) (formats.Image, error) {
 			// The target is opened like the sources, but without -U.
 			top := *op
 			top.imageOpts, top.direct, top.forceShare = f.tgtImageOpts, direct, false
+			if kvs, err := parseKeyValues(f.options, ""); err == nil {
+				top.keySecret = kvs.get("key-secret")
+			}
 			return top.open(target, f.outFmt, false, false)
 		},
 		BackingFile:   c.String("B"),
@@ -234,6 +239,23 @@ func runConvert(c *cli.Context) error {
 	}
 	if err != nil {
 		return err
+	}
+	if f.bitmaps {
+		top := *op
+		top.imageOpts, top.forceShare = f.tgtImageOpts, false
+		out, err := top.open(target, f.outFmt, false, false)
+		if err != nil {
+			return err
+		}
+		err = control.CopyBitmaps(sources[0], out, f.skipBrokenBmaps, func(msg string) {
+			fmt.Fprintf(c.App.ErrWriter, "%s: warning: %s\n", prog, msg)
+		})
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
 	}
 	bar.print(100, 0)
 	return nil

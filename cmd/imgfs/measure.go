@@ -75,6 +75,7 @@ func runMeasure(c *cli.Context) error {
 	rep, err := control.Measure(control.MeasureOptions{
 		Format:  c.String("O"),
 		Options: options,
+		Secrets: op.secrets,
 		Size:    size,
 		Source:  src,
 	})

@@ -342,3 +342,21 @@ func qemuImg(args ...string) (stdout, stderr string, err error) {
 	}
 	return stdout, kept.String(), err
 }
+
+// SameFiles fails the test unless the files a and b hold the same bytes,
+// as an image we create or write must equal the one qemu-img or qemu-io
+// makes of the same steps.
+func SameFiles(t testing.TB, a, b string) {
+	t.Helper()
+	x, err := os.ReadFile(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	y, err := os.ReadFile(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i := FirstDiff(x, y); i >= 0 {
+		t.Errorf("%s and %s differ (%d and %d bytes), first at %d", filepath.Base(a), filepath.Base(b), len(x), len(y), i)
+	}
+}

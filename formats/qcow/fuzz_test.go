@@ -3,47 +3,33 @@ package qcow
 import (
 	"bytes"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // fuzzSeeds are small images made by qemu-img and written by qemu-io:
 // plain, compressed and zero-written clusters, and a backing file name.
 func fuzzSeeds(f *testing.F) [][]byte {
-	for _, p := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(p); err != nil {
-			return nil
-		}
-	}
+	formatstest.RequireQemu(f)
 	dir := f.TempDir()
 	var seeds [][]byte
-	for i, c := range [][]string{
-		{"create", "-q", "-f", "qcow", "a.qcow", "100k"},
-		// Clusters are 512 bytes with a backing file.
-		{"create", "-q", "-f", "qcow", "-b", "a.qcow", "-F", "qcow", "b.qcow", "100k"},
-	} {
-		compressed := []string{"write -c -P 2 8k 4k", "write -c -P 2 8k 512"}[i]
-		cmd := exec.Command("qemu-img", c...)
-		cmd.Dir = dir
-		if out, err := cmd.CombinedOutput(); err != nil {
-			f.Fatalf("seed %d: %v: %s", i, err, out)
-		}
-		name := c[len(c)-2]
-		cmd = exec.Command("qemu-io", "-f", "qcow", "-c", "write -P 1 0 1k", "-c", compressed,
-			"-c", "write -z 20k 4k", name)
-		cmd.Dir = dir
-		if out, err := cmd.CombinedOutput(); err != nil {
-			f.Fatalf("seed %d: %v: %s", i, err, out)
-		}
-		b, err := os.ReadFile(filepath.Join(dir, name))
+	write := func(name, compressed string) {
+		formatstest.QemuIO(f, "qcow", name, "write -P 1 0 1k", compressed, "write -z 20k 4k")
+		b, err := os.ReadFile(name)
 		if err != nil {
 			f.Fatal(err)
 		}
 		seeds = append(seeds, b)
 	}
+	a, b := filepath.Join(dir, "a.qcow"), filepath.Join(dir, "b.qcow")
+	formatstest.Exec(f, "qemu-img", "create", "-q", "-f", "qcow", a, "100k")
+	write(a, "write -c -P 2 8k 4k")
+	// Clusters are 512 bytes with a backing file.
+	formatstest.Exec(f, "qemu-img", "create", "-q", "-f", "qcow", "-b", "a.qcow", "-F", "qcow", b, "100k")
+	write(b, "write -c -P 2 8k 512")
 	return seeds
 }
 
@@ -55,11 +41,7 @@ func FuzzOpen(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		name := filepath.Join(t.TempDir(), "fuzz.qcow")
-		if err := os.WriteFile(name, data, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		img, err := formats.Open(name, formats.OpenOptions{Format: "qcow", ReadOnly: true, NoBacking: true})
+		img, err := formats.Open(formatstest.WriteTemp(t, "fuzz.qcow", data), formats.OpenOptions{Format: "qcow", ReadOnly: true, NoBacking: true})
 		if err != nil {
 			return
 		}

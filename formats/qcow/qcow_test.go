@@ -24,37 +24,24 @@ var qemuWrites = []string{
 	"write -c -P 5 2M 4k", "write -P 6 5000k 512",
 }
 
-func qemuIO(t *testing.T, format, name string, cmds []string) {
-	t.Helper()
-	args := []string{"-f", format}
-	for _, c := range cmds {
-		args = append(args, "-c", c)
-	}
-	run(t, "qemu-io", append(args, name)...)
-}
-
 // TestReadQemuImages reads images qemu-img made and qemu-io wrote and
 // compares them with qemu-img's raw conversion, and info and map with
 // qemu-img's.
 func TestReadQemuImages(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
 	name := filepath.Join(dir, "img.qcow")
-	run(t, "qemu-img", "create", "-q", "-f", "qcow", name, "5000.5k")
-	qemuIO(t, "qcow", name, qemuWrites)
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "qcow", name, "5000.5k")
+	formatstest.QemuIO(t, "qcow", name, qemuWrites...)
 	// An overlay with a qcow backing file; qemu-img 7.2's convert -c -O
 	// qcow fails, so compressed clusters come from qemu-io only.
 	over := filepath.Join(dir, "over.qcow")
-	run(t, "qemu-img", "create", "-q", "-f", "qcow", "-b", "img.qcow", "-F", "qcow", over)
-	qemuIO(t, "qcow", over, []string{"write -P 7 4095 2", "write -P 8 2M 1k"})
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "qcow", "-b", "img.qcow", "-F", "qcow", over)
+	formatstest.QemuIO(t, "qcow", over, "write -P 7 4095 2", "write -P 8 2M 1k")
 	for _, n := range []string{name, over} {
 		t.Run(filepath.Base(n), func(t *testing.T) {
-			img := openImage(t, n, true)
-			got, want := readAll(t, img), rawOf(t, n)
-			if i := firstDiff(got, want); i >= 0 {
-				t.Fatalf("byte %d differs from qemu-img convert (sizes %d, %d)", i, len(got), len(want))
-			}
-			compareReports(t, n)
+			formatstest.SameAsQemuRaw(t, formatstest.Open(t, n, formats.OpenOptions{Format: "qcow", ReadOnly: true}))
+			formatstest.SameInfoAndMap(t, "qcow", n)
 		})
 	}
 }
@@ -62,7 +49,7 @@ func TestReadQemuImages(t *testing.T) {
 // TestCreateIdentical creates images with qemu-img and with us and
 // compares the files byte for byte.
 func TestCreateIdentical(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, c := range []struct{ opts, size string }{
 		{"", "10M"}, {"", "1000"}, {"", "3G"},
 		{"backing_file=base.raw,backing_fmt=raw", "5M"},
@@ -72,24 +59,20 @@ func TestCreateIdentical(t *testing.T) {
 			t.Parallel()
 			dir := t.TempDir()
 			ours, theirs := filepath.Join(dir, "ours.qcow"), filepath.Join(dir, "theirs.qcow")
-			run(t, "qemu-img", "create", "-q", "-f", "raw", filepath.Join(dir, "base.raw"), "5M")
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "raw", filepath.Join(dir, "base.raw"), "5M")
 			args := []string{"create", "-q", "-f", "qcow"}
 			if c.opts != "" {
 				args = append(args, "-o", c.opts)
 			}
-			run(t, "qemu-img", append(args, theirs, c.size)...)
+			formatstest.Exec(t, "qemu-img", append(args, theirs, c.size)...)
 			opts := "size=" + c.size
 			if c.opts != "" {
 				opts += "," + c.opts
 			}
-			if err := createImage(t, ours, opts); err != nil {
+			if err := formatstest.Create(t, "qcow", ours, opts); err != nil {
 				t.Fatal(err)
 			}
-			a, _ := os.ReadFile(ours)
-			b, _ := os.ReadFile(theirs)
-			if !bytes.Equal(a, b) {
-				t.Fatalf("created files differ (%d and %d bytes), first at %d", len(a), len(b), firstDiff(a, b))
-			}
+			formatstest.SameFiles(t, ours, theirs)
 		})
 	}
 }
@@ -102,12 +85,12 @@ func TestCreateErrors(t *testing.T) {
 		{"size=1M,encryption=on", "Parameter 'encrypt.key-secret' is required for cipher"},
 		{"size=1M,encrypt.format=luks", "Unsupported encryption format"},
 	} {
-		err := createImage(t, filepath.Join(dir, "x.qcow"), c.opts)
+		err := formatstest.Create(t, "qcow", filepath.Join(dir, "x.qcow"), c.opts)
 		if err == nil || err.Error() != c.msg {
 			t.Errorf("%s: got %v, want %q", c.opts, err, c.msg)
 		}
 	}
-	err := createImage(t, filepath.Join(dir, "x.qcow"), "size=1M,encryption=on,encrypt.key-secret=s0")
+	err := formatstest.Create(t, "qcow", filepath.Join(dir, "x.qcow"), "size=1M,encryption=on,encrypt.key-secret=s0")
 	if err == nil || err.Error() != "No secret with id 's0'" {
 		t.Errorf("encrypted create without the secret: %v", err)
 	}
@@ -117,30 +100,27 @@ func TestCreateErrors(t *testing.T) {
 // image and with our driver into ours: the files must be identical and
 // qemu-img compare must find our image equal to the raw data.
 func TestWriteLikeQemu(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	for _, backed := range []bool{false, true} {
 		t.Run(map[bool]string{false: "plain", true: "backed"}[backed], func(t *testing.T) {
 			t.Parallel()
 			dir := t.TempDir()
 			base := filepath.Join(dir, "base.raw")
-			run(t, "qemu-img", "create", "-q", "-f", "raw", base, "3M")
-			run(t, "qemu-io", "-f", "raw", "-c", "write -P 9 0 3M", base)
+			formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "raw", base, "3M")
+			formatstest.Exec(t, "qemu-io", "-f", "raw", "-c", "write -P 9 0 3M", base)
 			theirs, ours := filepath.Join(dir, "theirs.qcow"), filepath.Join(dir, "ours.qcow")
 			opts, qargs := "size=3M", []string{"create", "-q", "-f", "qcow", theirs, "3M"}
 			if backed {
 				opts += ",backing_file=base.raw,backing_fmt=raw"
 				qargs = []string{"create", "-q", "-f", "qcow", "-b", "base.raw", "-F", "raw", theirs}
 			}
-			run(t, "qemu-img", qargs...)
-			if err := createImage(t, ours, opts); err != nil {
+			formatstest.Exec(t, "qemu-img", qargs...)
+			if err := formatstest.Create(t, "qcow", ours, opts); err != nil {
 				t.Fatal(err)
 			}
 			writes := []struct{ off, n int64 }{{5000, 3000}, {0, 512}, {2<<20 + 4096, 8192}, {1 << 20, 100}}
 			var cmds []string
-			img, err := formats.Open(ours, formats.OpenOptions{Format: "qcow"})
-			if err != nil {
-				t.Fatal(err)
-			}
+			img := formatstest.Open(t, ours, formats.OpenOptions{Format: "qcow"})
 			for i, w := range writes {
 				cmds = append(cmds, "write -P "+itoa(int64(i+1))+" "+itoa(w.off)+" "+itoa(w.n))
 				if _, err := img.WriteAt(bytes.Repeat([]byte{byte(i + 1)}, int(w.n)), w.off); err != nil {
@@ -150,17 +130,15 @@ func TestWriteLikeQemu(t *testing.T) {
 			if err := img.Close(); err != nil {
 				t.Fatal(err)
 			}
-			qemuIO(t, "qcow", theirs, cmds)
-			a, _ := os.ReadFile(ours)
-			b, _ := os.ReadFile(theirs)
-			if !backed && !bytes.Equal(a, b) {
-				// With 512-byte clusters QEMU writes sub-sector requests
-				// by read-modify-write through the backing file, which
-				// imgfs does not need; only the plain case is identical.
-				t.Fatalf("written files differ (%d and %d bytes), first at %d", len(a), len(b), firstDiff(a, b))
+			formatstest.QemuIO(t, "qcow", theirs, cmds...)
+			// With 512-byte clusters QEMU writes sub-sector requests by
+			// read-modify-write through the backing file, which imgfs
+			// does not need; only the plain case is identical.
+			if !backed {
+				formatstest.SameFiles(t, ours, theirs)
 			}
-			run(t, "qemu-img", "compare", "-U", ours, theirs)
-			compareReports(t, ours)
+			formatstest.Exec(t, "qemu-img", "compare", "-U", ours, theirs)
+			formatstest.SameInfoAndMap(t, "qcow", ours)
 		})
 	}
 }
@@ -170,16 +148,13 @@ func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 // TestCompressedWrites compresses clusters through CompressedWriter as
 // convert -c does; qemu-img must read them back.
 func TestCompressedWrites(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
 	name := filepath.Join(dir, "c.qcow")
-	if err := createImage(t, name, "size=1000k"); err != nil {
+	if err := formatstest.Create(t, "qcow", name, "size=1000k"); err != nil {
 		t.Fatal(err)
 	}
-	img, err := formats.Open(name, formats.OpenOptions{Format: "qcow"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	img := formatstest.Open(t, name, formats.OpenOptions{Format: "qcow"})
 	cw := img.(formats.CompressedWriter)
 	unit := cw.CompressionUnit()
 	want := make([]byte, img.Size())
@@ -200,27 +175,27 @@ func TestCompressedWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	copy(want[3*unit+10:], "hello")
-	if got := readAll(t, img); !bytes.Equal(got, want) {
-		t.Fatalf("read back differs at %d", firstDiff(got, want))
+	if i := formatstest.FirstDiff(formatstest.ReadAll(t, img), want); i >= 0 {
+		t.Fatalf("read back differs at %d", i)
 	}
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got := rawOf(t, name); !bytes.Equal(got, want) {
-		t.Fatalf("qemu-img reads differently at %d", firstDiff(got, want))
+	if i := formatstest.FirstDiff(formatstest.QemuRaw(t, "qcow", name), want); i >= 0 {
+		t.Fatalf("qemu-img reads differently at %d", i)
 	}
-	compareReports(t, name)
+	formatstest.SameInfoAndMap(t, "qcow", name)
 }
 
 // TestEncrypted reads an AES-encrypted image qemu-io wrote, writes it
 // (unaligned, into new and allocated clusters) and has qemu-img read our
 // writes; our encrypted create must equal qemu-img's.
 func TestEncrypted(t *testing.T) {
-	haveQemu(t)
+	formatstest.RequireQemu(t)
 	dir := t.TempDir()
 	name := filepath.Join(dir, "enc.qcow")
 	const secret = "secret,id=s0,data=pw"
-	run(t, "qemu-img", "create", "-q", "--object", secret, "-f", "qcow",
+	formatstest.Exec(t, "qemu-img", "create", "-q", "--object", secret, "-f", "qcow",
 		"-o", "encrypt.format=aes,encrypt.key-secret=s0", name, "1M")
 	ours := filepath.Join(dir, "ours.qcow")
 	o := formats.NewOptions(formats.Lookup("qcow").CreateSpecs())
@@ -231,12 +206,13 @@ func TestEncrypted(t *testing.T) {
 	if err := formats.Lookup("qcow").Create(ours, o); err != nil {
 		t.Fatal(err)
 	}
-	sameFiles(t, ours, name)
-	run(t, "qemu-io", "--object", secret, "--image-opts", "-c", "write -P 1 0 6k", "-c", "write -P 2 100k 512",
+	formatstest.SameFiles(t, ours, name)
+	formatstest.Exec(t, "qemu-io", "--object", secret, "--image-opts", "-c", "write -P 1 0 6k", "-c", "write -P 2 100k 512",
 		"driver=qcow,encrypt.key-secret=s0,file.filename="+name)
+	// qemu-img needs the key, so formatstest.QemuRaw cannot read it.
 	rawOf := func() []byte {
 		out := filepath.Join(t.TempDir(), "raw")
-		run(t, "qemu-img", "convert", "-U", "--object", secret, "--image-opts",
+		formatstest.Exec(t, "qemu-img", "convert", "-U", "--object", secret, "--image-opts",
 			"driver=qcow,encrypt.key-secret=s0,file.filename="+name, "-O", "raw", out)
 		b, err := os.ReadFile(out)
 		if err != nil {
@@ -249,14 +225,11 @@ func TestEncrypted(t *testing.T) {
 		err.Error() != "Parameter 'encrypt.key-secret' is required for cipher" {
 		t.Fatalf("open without the key: %v", err)
 	}
-	img, err := formats.Open(name, formats.OpenOptions{Format: "qcow", KeySecret: "s0",
+	img := formatstest.Open(t, name, formats.OpenOptions{Format: "qcow", KeySecret: "s0",
 		Secrets: map[string][]byte{"s0": []byte("pw")}})
-	if err != nil {
-		t.Fatal(err)
-	}
 	want := rawOf()
-	if got := readAll(t, img); !bytes.Equal(got, want) {
-		t.Fatalf("read differs from qemu-img at %d", firstDiff(got, want))
+	if i := formatstest.FirstDiff(formatstest.ReadAll(t, img), want); i >= 0 {
+		t.Fatalf("read differs from qemu-img at %d", i)
 	}
 	for i, w := range []struct{ off, n int64 }{{100, 50}, {5000, 5000}, {200 << 10, 1}, {300<<10 + 511, 2}} {
 		p := bytes.Repeat([]byte{byte(10 + i)}, int(w.n))
@@ -272,16 +245,7 @@ func TestEncrypted(t *testing.T) {
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got := rawOf(); !bytes.Equal(got, want) {
-		t.Fatalf("qemu-img reads our writes differently at %d", firstDiff(got, want))
-	}
-}
-
-func sameFiles(t *testing.T, a, b string) {
-	t.Helper()
-	x, _ := os.ReadFile(a)
-	y, _ := os.ReadFile(b)
-	if !bytes.Equal(x, y) {
-		t.Errorf("%s and %s differ (%d and %d bytes), first at %d", filepath.Base(a), filepath.Base(b), len(x), len(y), firstDiff(x, y))
+	if i := formatstest.FirstDiff(rawOf(), want); i >= 0 {
+		t.Fatalf("qemu-img reads our writes differently at %d", i)
 	}
 }

@@ -3,49 +3,33 @@ package qed
 import (
 	"bytes"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // fuzzSeeds are small images made by qemu-img and written by qemu-io
 // (4 KiB clusters keep them small): data, zero clusters and a backing
 // file name.
 func fuzzSeeds(f *testing.F) [][]byte {
-	for _, p := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(p); err != nil {
-			return nil
-		}
-	}
+	formatstest.RequireQemu(f)
 	dir := f.TempDir()
 	var seeds [][]byte
-	for i, c := range [][]string{
-		{"create", "-q", "-f", "qed", "-o", "cluster_size=4k,table_size=2", "a.qed", "1M"},
-		{"create", "-q", "-f", "qed", "-o", "cluster_size=4k,table_size=2", "-b", "a.qed", "-F", "qed", "b.qed"},
-	} {
-		cmd := exec.Command("qemu-img", c...)
-		cmd.Dir = dir
-		if out, err := cmd.CombinedOutput(); err != nil {
-			f.Fatalf("seed %d: %v: %s", i, err, out)
-		}
-		name := c[len(c)-1]
-		if i == 0 {
-			name = c[len(c)-2]
-		}
-		cmd = exec.Command("qemu-io", "-f", "qed", "-c", "write -P 1 0 1k", "-c", "write -z 8k 8k",
-			"-c", "write -P 2 600k 12k", name)
-		cmd.Dir = dir
-		if out, err := cmd.CombinedOutput(); err != nil {
-			f.Fatalf("seed %d: %v: %s", i, err, out)
-		}
-		b, err := os.ReadFile(filepath.Join(dir, name))
+	write := func(name string) {
+		formatstest.QemuIO(f, "qed", name, "write -P 1 0 1k", "write -z 8k 8k", "write -P 2 600k 12k")
+		b, err := os.ReadFile(name)
 		if err != nil {
 			f.Fatal(err)
 		}
 		seeds = append(seeds, b)
 	}
+	a, b := filepath.Join(dir, "a.qed"), filepath.Join(dir, "b.qed")
+	formatstest.Exec(f, "qemu-img", "create", "-q", "-f", "qed", "-o", "cluster_size=4k,table_size=2", a, "1M")
+	write(a)
+	formatstest.Exec(f, "qemu-img", "create", "-q", "-f", "qed", "-o", "cluster_size=4k,table_size=2", "-b", "a.qed", "-F", "qed", b)
+	write(b)
 	return seeds
 }
 
@@ -57,11 +41,7 @@ func FuzzOpen(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		name := filepath.Join(t.TempDir(), "fuzz.qed")
-		if err := os.WriteFile(name, data, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		img, err := formats.Open(name, formats.OpenOptions{Format: "qed", ReadOnly: true, NoBacking: true})
+		img, err := formats.Open(formatstest.WriteTemp(t, "fuzz.qed", data), formats.OpenOptions{Format: "qed", ReadOnly: true, NoBacking: true})
 		if err != nil {
 			return
 		}
