@@ -17,7 +17,7 @@ func init() {
 		Usage: "list, apply, create or delete internal snapshots",
 		Flags: []cli.Flag{
 			objectFlag(), imageOptsFlag(), forceShareFlag(), quietFlag(),
-			&cli.BoolFlag{Name: "l", Usage: "list snapshots", Count: new(int)},
+			&cli.BoolFlag{Name: "l", Usage: "list snapshots"}, // c.Count sees repeats
 			// Slices, so that a repeated action is seen and refused.
 			&cli.StringSliceFlag{Name: "a", Usage: "apply a snapshot", KeepSpace: true},
 			&cli.StringSliceFlag{Name: "c", Usage: "create a snapshot", KeepSpace: true},
@@ -58,9 +58,8 @@ func runSnapshot(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if !c.Bool("q") {
-		fmt.Fprint(c.App.Writer, res.Human())
-	}
+	// dump_snapshots prints with printf: -q does not silence the list.
+	fmt.Fprint(c.App.Writer, res.Human())
 	return img.Close()
 }
 
