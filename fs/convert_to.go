@@ -1069,7 +1069,7 @@ func (n *convertNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, 
 	if ce := n.dir.t.src.chain(n.dir.path); ce.err != nil {
 		return nil, 0, Errno(ce.err)
 	}
-	img, err := formats.Open(n.dir.path, sourceOptions)
+	img, err := openImage(n.dir.path, sourceOptions)
 	if err != nil {
 		return nil, 0, Errno(err)
 	}

@@ -464,7 +464,7 @@ func (d *imageDir) ctlCommit(ctx context.Context, l *ctlLine, st *opState) error
 	base, hasBase := l.value("-b")
 	defer d.siblingsChanged()
 	return d.exclusive(func() error {
-		top, err := formats.Open(d.path, formats.OpenOptions{})
+		top, err := openImage(d.path, formats.OpenOptions{})
 		if err != nil {
 			return err
 		}
@@ -473,7 +473,7 @@ func (d *imageDir) ctlCommit(ctx context.Context, l *ctlLine, st *opState) error
 			Top:      top,
 			Filename: d.path,
 			ReopenTop: func() (formats.Image, error) {
-				return formats.Open(d.path, formats.OpenOptions{Format: format, NoBacking: true})
+				return openImage(d.path, formats.OpenOptions{Format: format, NoBacking: true})
 			},
 			Base:     base,
 			Drop:     l.has("-d") || hasBase,
@@ -497,7 +497,7 @@ func (d *imageDir) ctlRebase(ctx context.Context, l *ctlLine, st *opState) error
 	fmtName, _ := l.value("-F")
 	defer d.siblingsChanged()
 	return d.exclusive(func() error {
-		img, err := formats.Open(d.path, formats.OpenOptions{NoBacking: unsafe})
+		img, err := openImage(d.path, formats.OpenOptions{NoBacking: unsafe})
 		if err != nil {
 			return err
 		}
@@ -505,7 +505,7 @@ func (d *imageDir) ctlRebase(ctx context.Context, l *ctlLine, st *opState) error
 		return control.Rebase(ctx, control.RebaseOptions{
 			Image: img, Backing: backing, BackingGiven: hasBacking, BackingFormat: fmtName, Unsafe: unsafe,
 			OpenBacking: func(path, format string) (formats.Image, error) {
-				return formats.Open(path, formats.OpenOptions{Format: format, ReadOnly: true})
+				return openImage(path, formats.OpenOptions{Format: format, ReadOnly: true})
 			},
 			Progress: func(_, pieces int64) {
 				if pieces > 0 {

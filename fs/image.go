@@ -99,12 +99,12 @@ func (d *imageDir) acquire() (img formats.Image, writable, keepCache bool, err e
 		return nil, false, false, ce.err
 	}
 	rw := d.mayWrite(ce.key)
-	img, err = formats.Open(d.path, formats.OpenOptions{ReadOnly: !rw})
+	img, err = openImage(d.path, formats.OpenOptions{ReadOnly: !rw})
 	if err != nil && rw {
 		// A corrupt qcow2 image, or one a VM reads, may still open
 		// read-only: reading is better than nothing.
 		var roErr error
-		if img, roErr = formats.Open(d.path, formats.OpenOptions{ReadOnly: true}); roErr == nil {
+		if img, roErr = openImage(d.path, formats.OpenOptions{ReadOnly: true}); roErr == nil {
 			d.t.logf("imgfs: %s opened read-only: %v", d.path, err)
 			rw, err = false, nil
 		}
@@ -168,7 +168,7 @@ func (d *imageDir) use(o formats.OpenOptions, fn func(formats.Image) error) erro
 	if ce := d.t.src.chain(d.path); ce.err != nil {
 		return ce.err
 	}
-	img, err := formats.Open(d.path, o)
+	img, err := openImage(d.path, o)
 	if err != nil {
 		return err
 	}

@@ -158,7 +158,7 @@ func (s *source) probe(name string, size int64) bool {
 	}
 	defer f.Close()
 	d, err := formats.ProbeFile(f)
-	return err == nil && isImageFile(d, name, size)
+	return err == nil && (isImageFile(d, name, size) || d.Name == "raw" && hasVHDFooter(f))
 }
 
 // list returns the names of the images in SOURCE, sorted, and forgets
@@ -240,7 +240,7 @@ func (s *source) walkChain(path string) ([]fileKey, error) {
 	var files []fileKey
 	cur := path
 	for depth := 0; depth <= formats.MaxChainDepth; depth++ {
-		img, err := formats.Open(cur, peekOptions)
+		img, err := openImage(cur, peekOptions)
 		if err != nil {
 			if cur == path {
 				return files, err

@@ -22,8 +22,8 @@ var mountCompared = []struct {
 // checkMount mounts the directory of a matrix image read-only with imgfs
 // and reads the image through it: the disk file must hold the guest
 // bytes (qemu-img compare against the image) and the report files what
-// qemu-img prints about the image by its absolute name, which is the name
-// the mount reports. The mount helpers are fuse_test.go's.
+// qemu-img prints about the image, in its format, by its absolute name,
+// which is the name the mount reports. The mount helpers are fuse_test.go's.
 func checkMount(t *testing.T, dir string, c imageCase) {
 	requireFUSE(t)
 	mnt := mountImgfs(t, dir, "ro")
@@ -38,7 +38,9 @@ func checkMount(t *testing.T, dir string, c imageCase) {
 	}
 	abs := filepath.Join(dir, c.file())
 	for _, m := range mountCompared {
-		want := run(t, dir, qemuImg, append(m.cmd, abs)...)
+		// -f: the mount names the format where qemu-img's probe cannot
+		// (a fixed VHD probes as raw).
+		want := run(t, dir, qemuImg, append(m.cmd, "-f", c.fmt(), abs)...)
 		got, err := os.ReadFile(filepath.Join(imgDir, m.file))
 		if err != nil {
 			t.Errorf("read %s: %v", m.file, err)
