@@ -100,16 +100,70 @@ func findBitmap(b formats.Bitmapper, name string) (formats.BitmapInfo, error) {
 	return formats.BitmapInfo{}, formats.Errorf(formats.ErrInvalidOption, "Dirty bitmap '%s' not found", name)
 }
 
+// CheckCopyBitmaps is what img_convert checks for --bitmaps before it
+// converts anything, in its order.
+func CheckCopyBitmaps(sources []formats.Image, targetFormat string, skipBroken bool) error {
+	if len(sources) > 1 {
+		return formats.Errorf(formats.ErrInvalidOption, "Copying bitmaps only possible with single source")
+	}
+	s, ok := sources[0].(formats.Bitmapper)
+	if !ok {
+		return formats.Errorf(formats.ErrUnsupported, "Source lacks bitmap support")
+	}
+	if !skipBroken {
+		if _, err := bitmapsToCopy(s, false, nil); err != nil {
+			return err
+		}
+	}
+	if targetFormat == "" {
+		targetFormat = "raw"
+	}
+	// qcow2 is the only format with persistent bitmaps.
+	if targetFormat != "qcow2" {
+		return formats.Errorf(formats.ErrUnsupported, "Format driver '%s' does not support bitmaps", targetFormat)
+	}
+	return nil
+}
+
+// bitmapsToCopy lists the bitmaps of s that convert copies, in
+// directory order. QEMU looks at them in reverse directory order (its
+// list of loaded bitmaps is built by prepending), which decides which
+// inconsistent bitmap the error names and the order of the warnings.
+func bitmapsToCopy(s formats.Bitmapper, skipBroken bool, warn func(string)) ([]formats.BitmapInfo, error) {
+	list, err := s.Bitmaps()
+	if err != nil {
+		return nil, err
+	}
+	skip := make([]bool, len(list))
+	for i := len(list) - 1; i >= 0; i-- {
+		if !list[i].InUse {
+			continue
+		}
+		if !skipBroken {
+			return nil, formats.Errorf(formats.ErrInvalidOption, "Cannot copy inconsistent bitmap '%s'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it", list[i].Name)
+		}
+		warn(fmt.Sprintf("Skipping inconsistent bitmap '%s'", list[i].Name))
+		skip[i] = true
+	}
+	var out []formats.BitmapInfo
+	for i, bm := range list {
+		if !skip[i] {
+			out = append(out, bm)
+		}
+	}
+	return out, nil
+}
+
 // CopyBitmaps is convert --bitmaps (convert_copy_bitmaps): every
 // persistent bitmap of src is created in dst with its granularity and
-// state, and its bits merged in. Inconsistent bitmaps fail the copy
-// unless skipBroken.
-func CopyBitmaps(src, dst formats.Image, skipBroken bool) error {
+// state, in the source's directory order (QEMU creates them in reverse
+// and stores its list reversed again), and its bits merged in.
+func CopyBitmaps(src, dst formats.Image, skipBroken bool, warn func(string)) error {
 	s, ok := src.(formats.Bitmapper)
 	if !ok {
 		return nil
 	}
-	list, err := s.Bitmaps()
+	list, err := bitmapsToCopy(s, skipBroken, warn)
 	if err != nil {
 		return err
 	}
@@ -118,12 +172,6 @@ func CopyBitmaps(src, dst formats.Image, skipBroken bool) error {
 		return errNoPersistentBitmaps()
 	}
 	for _, bm := range list {
-		if bm.InUse {
-			if skipBroken {
-				continue
-			}
-			return formats.Errorf(formats.ErrInvalidOption, "Cannot copy inconsistent bitmap '%s'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it", bm.Name)
-		}
 		if err := d.AddBitmap(bm.Name, bm.Granularity, !bm.Enabled); err != nil {
 			return err
 		}

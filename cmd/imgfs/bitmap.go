@@ -134,6 +134,7 @@ func runBitmap(c *cli.Context) error {
 	defer img.Close()
 	o := control.BitmapOptions{Image: img, Bitmap: c.Args().Get(1), Actions: actions, Granularity: granularity}
 	if srcFile != "" {
+		// img_bitmap opens -b read-only and never with --image-opts.
 		src, err := (&opener{forceShare: op.forceShare, secrets: op.secrets, stderr: op.stderr}).open(srcFile, srcFmt, true, false)
 		if err != nil {
 			return err

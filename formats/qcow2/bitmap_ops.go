@@ -443,11 +443,17 @@ func (img *Image) bitmapOp(fn func() error) error {
 	if err := img.storeBitmaps(); err != nil {
 		return err
 	}
-	return fn()
+	err := fn()
+	if err != nil {
+		// Data loaded for a change that did not happen is dropped, so
+		// the next store does not write it.
+		img.bm.bits = nil
+	}
+	return err
 }
 
-// usable is bdrv_dirty_bitmap_check for an operation that changes the
-// bitmap's bits or state.
+// usableBitmap is bdrv_dirty_bitmap_check for an operation that uses or
+// changes the bitmap's bits or state: inconsistent bitmaps are refused.
 func usableBitmap(e *BitmapEntry) error {
 	if e.Flags&BitmapInUse != 0 {
 		return formats.Errorf(formats.ErrInvalidOption, "Bitmap '%s' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk", e.Name)
@@ -498,12 +504,12 @@ func (img *Image) canStoreBitmap(name string, granularity int64) error {
 	if dir+(bitmapEntryLen+uint64(len(name))+7)&^7 > maxBitmapDirBytes {
 		return fmt.Errorf("Not enough space in the bitmap directory")
 	}
-	gb := uint(bits.TrailingZeros64(uint64(granularity)))
-	size := uint64(img.size)
+	gb := uint8(bits.TrailingZeros64(uint64(granularity)))
+	n := bitmapBytes(img.size, gb)
 	switch {
 	case gb > bitmapMaxGranularity:
 		return fmt.Errorf("Granularity exceeds maximum (%d bytes)", uint64(1)<<bitmapMaxGranularity)
-	case size > bitmapMaxPhysSize<<gb || size > uint64(bitmapMaxTableSize)*uint64(img.lay.ClusterSize)<<gb:
+	case n > bitmapMaxPhysSize || n > uint64(bitmapMaxTableSize)*uint64(img.lay.ClusterSize):
 		return fmt.Errorf("Too much space will be occupied by the bitmap. Use larger granularity")
 	case len(name) > bitmapMaxNameLen:
 		return fmt.Errorf("Name length exceeds maximum (%d characters)", bitmapMaxNameLen)
