@@ -8,7 +8,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"math/bits"
 	"syscall"
 
@@ -176,32 +175,17 @@ func (img *Image) sector(off int64) (int64, error) {
 
 // ReadAt reads guest bytes sector by sector.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("%s: read at negative offset %d: %w", img.f.Name(), off, errIO)
-	}
-	if off >= img.size {
-		return 0, io.EOF
-	}
-	n := int(min(int64(len(p)), img.size-off))
-	for done := 0; done < n; {
-		pos := off + int64(done)
-		k := int(min(int64(n-done), sectorSize-pos%sectorSize))
+	return formats.ReadBlocks(img.f.Name(), p, off, img.size, sectorSize, func(q []byte, pos int64) (int, error) {
 		host, err := img.sector(pos)
 		if err != nil {
-			return done, err
+			return 0, err
 		}
-		q := p[done : done+k]
 		if host < 0 {
 			clear(q)
-		} else if _, err := img.f.ReadAt(q, host+pos%sectorSize); err != nil {
-			return done, err
+			return len(q), nil
 		}
-		done += k
-	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+		return img.f.ReadAt(q, host+pos%sectorSize)
+	})
 }
 
 // WriteAt refuses: bochs is read-only.

@@ -176,27 +176,15 @@ func inflate(dst, src []byte) error {
 
 // ReadAt reads guest bytes.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("%s: read at negative offset %d: %w", img.f.Name(), off, errIO)
-	}
-	if off >= img.size {
-		return 0, io.EOF
-	}
-	n := int(min(int64(len(p)), img.size-off))
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	for done := 0; done < n; {
-		pos := off + int64(done)
+	return formats.ReadBlocks(img.f.Name(), p, off, img.size, img.blockSize, func(q []byte, pos int64) (int, error) {
 		b, err := img.block(pos / img.blockSize)
 		if err != nil {
-			return done, err
+			return 0, err
 		}
-		done += copy(p[done:n], b[pos%img.blockSize:])
-	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+		return copy(q, b[pos%img.blockSize:]), nil
+	})
 }
 
 // WriteAt refuses: cloop is read-only.

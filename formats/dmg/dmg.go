@@ -400,40 +400,28 @@ func readExactly(r io.Reader, out []byte) error {
 }
 
 // ReadAt reads guest bytes. Sectors no chunk covers fail, as in QEMU.
+// Chunks vary in size, so each piece ends where its chunk does.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("%s: read at negative offset %d: %w", img.f.Name(), off, errIO)
-	}
-	if off >= img.size {
-		return 0, io.EOF
-	}
-	n := int(min(int64(len(p)), img.size-off))
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	for done := 0; done < n; {
-		pos := off + int64(done)
+	return formats.ReadBlocks(img.f.Name(), p, off, img.size, 0, func(q []byte, pos int64) (int, error) {
 		i := img.find(uint64(pos / sectorSize))
 		if i < 0 {
-			return done, fmt.Errorf("%s: dmg: no chunk holds sector %d: %w", img.f.Name(), pos/sectorSize, errIO)
+			return 0, fmt.Errorf("%s: dmg: no chunk holds sector %d: %w", img.f.Name(), pos/sectorSize, errIO)
 		}
 		c := img.chunks[i]
 		rel := pos - int64(c.sector)*sectorSize
-		k := int(min(int64(n-done), int64(c.sectors)*sectorSize-rel))
+		q = q[:min(int64(len(q)), int64(c.sectors)*sectorSize-rel)]
 		if c.typ == typeZero || c.typ == typeIgnore {
-			clear(p[done : done+k])
-		} else {
-			data, err := img.load(i)
-			if err != nil {
-				return done, err
-			}
-			copy(p[done:done+k], data[rel:])
+			clear(q)
+			return len(q), nil
 		}
-		done += k
-	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+		data, err := img.load(i)
+		if err != nil {
+			return 0, err
+		}
+		return copy(q, data[rel:]), nil
+	})
 }
 
 // WriteAt refuses: dmg is read-only.

@@ -11,7 +11,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"math"
 	"sync"
 	"syscall"
@@ -235,30 +234,16 @@ func (img *Image) hostOffset(off int64) int64 {
 
 // ReadAt reads guest bytes; unallocated clusters read as zeroes.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("%s: read at negative offset %d: %w", img.f.Name(), off, errIO)
-	}
-	if off >= img.size {
-		return 0, io.EOF
-	}
-	n := int(min(int64(len(p)), img.size-off))
-	for done := 0; done < n; {
-		pos := off + int64(done)
-		k := int(min(int64(n-done), img.cluster-pos%img.cluster))
+	return formats.ReadBlocks(img.f.Name(), p, off, img.size, img.cluster, func(q []byte, pos int64) (int, error) {
 		img.mu.RLock()
 		host := img.hostOffset(pos)
 		img.mu.RUnlock()
 		if host < 0 {
-			clear(p[done : done+k])
-		} else if _, err := img.f.ReadAt(p[done:done+k], host); err != nil {
-			return done, err
+			clear(q)
+			return len(q), nil
 		}
-		done += k
-	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+		return img.f.ReadAt(q, host)
+	})
 }
 
 // WriteAt writes guest bytes, allocating clusters at the end of the data
@@ -267,28 +252,16 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if img.readOnly {
 		return 0, formats.ErrReadOnly
 	}
-	if off < 0 || off > img.size || int64(len(p)) > img.size-off {
-		return 0, fmt.Errorf("%s: write of %d bytes at offset %d outside the image (%d bytes): %w",
-			img.f.Name(), len(p), off, img.size, errIO)
-	}
-	for done := 0; done < len(p); {
-		pos := off + int64(done)
-		k := int(min(int64(len(p)-done), img.cluster-pos%img.cluster))
+	return formats.WriteBlocks(img.f.Name(), p, off, img.size, img.cluster, func(q []byte, pos int64) error {
 		img.mu.RLock()
 		host := img.hostOffset(pos)
 		img.mu.RUnlock()
-		var err error
-		if host >= 0 {
-			_, err = img.f.WriteAt(p[done:done+k], host)
-		} else {
-			err = img.allocate(pos, p[done:done+k])
+		if host < 0 {
+			return img.allocate(pos, q)
 		}
-		if err != nil {
-			return done, err
-		}
-		done += k
-	}
-	return len(p), nil
+		_, err := img.f.WriteAt(q, host)
+		return err
+	})
 }
 
 // allocate writes data (within one cluster) at guest offset off into a

@@ -9,7 +9,6 @@ package vpc
 import (
 	"encoding/binary"
 	"fmt"
-	"io"
 	"sync"
 	"syscall"
 
@@ -225,37 +224,23 @@ func (img *Image) blockOffset(off int64) int64 {
 
 // ReadAt reads guest bytes. Unallocated blocks of a dynamic disk read as
 // zeroes; the sector bitmaps are not consulted, as in QEMU.
+//
+// A fixed disk has blockSize 0, so its reads and writes go in one piece
+// to the same offset of the file.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, fmt.Errorf("%s: read at negative offset %d: %w", img.f.Name(), off, errIO)
-	}
-	if off >= img.size {
-		return 0, io.EOF
-	}
-	n := int(min(int64(len(p)), img.size-off))
-	if img.fixed {
-		if _, err := img.f.ReadAt(p[:n], off); err != nil {
-			return 0, err
-		}
-	} else {
-		for done := 0; done < n; {
-			pos := off + int64(done)
-			k := int(min(int64(n-done), img.blockSize-pos%img.blockSize))
+	return formats.ReadBlocks(img.f.Name(), p, off, img.size, img.blockSize, func(q []byte, pos int64) (int, error) {
+		host := pos
+		if !img.fixed {
 			img.mu.RLock()
-			host := img.blockOffset(pos)
+			host = img.blockOffset(pos)
 			img.mu.RUnlock()
-			if host < 0 {
-				clear(p[done : done+k])
-			} else if _, err := img.f.ReadAt(p[done:done+k], host); err != nil {
-				return done, err
-			}
-			done += k
 		}
-	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
+		if host < 0 {
+			clear(q)
+			return len(q), nil
+		}
+		return img.f.ReadAt(q, host)
+	})
 }
 
 // WriteAt writes guest bytes; on a dynamic disk it allocates the blocks
@@ -264,26 +249,17 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if img.readOnly {
 		return 0, formats.ErrReadOnly
 	}
-	if off < 0 || off > img.size || int64(len(p)) > img.size-off {
-		return 0, fmt.Errorf("%s: write of %d bytes at offset %d outside the image (%d bytes): %w",
-			img.f.Name(), len(p), off, img.size, errIO)
-	}
-	if img.fixed {
-		return img.f.WriteAt(p, off)
-	}
-	for done := 0; done < len(p); {
-		pos := off + int64(done)
-		k := int(min(int64(len(p)-done), img.blockSize-pos%img.blockSize))
-		host, err := img.hostForWrite(pos)
-		if err != nil {
-			return done, err
+	return formats.WriteBlocks(img.f.Name(), p, off, img.size, img.blockSize, func(q []byte, pos int64) error {
+		host := pos
+		if !img.fixed {
+			var err error
+			if host, err = img.hostForWrite(pos); err != nil {
+				return err
+			}
 		}
-		if _, err := img.f.WriteAt(p[done:done+k], host); err != nil {
-			return done, err
-		}
-		done += k
-	}
-	return len(p), nil
+		_, err := img.f.WriteAt(q, host)
+		return err
+	})
 }
 
 // hostForWrite returns the host offset for a write at guest offset off,
