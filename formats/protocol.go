@@ -20,3 +20,16 @@ func CreateProtocolFile(filename string, o *Options) (*File, error) {
 	}
 	return CreateFile(filename)
 }
+
+// AllocateFirstBlock is file-posix's allocate_first_block: a new file's
+// first block (one sector for files under 4 KiB) is written with zeroes,
+// so that later alignment probing finds it allocated. qemu-img map shows
+// it as data, hence imgfs does it too. It is an optimisation in QEMU, so
+// failure is ignored.
+func AllocateFirstBlock(f *File, size int64) {
+	n := int64(4096)
+	if size < n {
+		n = 512
+	}
+	f.WriteAt(make([]byte, n), 0)
+}

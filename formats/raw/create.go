@@ -99,7 +99,7 @@ func truncate(f *formats.File, size int64, mode prealloc) error {
 			return fmt.Errorf("Could not resize file: %w", errnoOf(err))
 		}
 		if cur == 0 && size > 0 {
-			allocateFirstBlock(f, size)
+			formats.AllocateFirstBlock(f, size)
 		}
 		return nil
 	case preallocFalloc:
@@ -111,7 +111,7 @@ func truncate(f *formats.File, size int64, mode prealloc) error {
 			return fmt.Errorf("Could not preallocate new data: %w", errnoOf(err))
 		}
 		if cur == 0 {
-			allocateFirstBlock(f, size)
+			formats.AllocateFirstBlock(f, size)
 		}
 		return nil
 	case preallocFull:
@@ -139,20 +139,6 @@ func allocate(f *formats.File, off, length int64) error {
 		return writeZeroBuffers(f, off, length)
 	}
 	return err
-}
-
-// Sizes of QEMU's allocate_first_block write: one sector for files
-// smaller than MAX_BLOCKSIZE, else MAX_BLOCKSIZE.
-const maxBlockSize = 4096
-
-// allocateFirstBlock writes zeroes over the start of a new file. It is an
-// optimisation in QEMU, so failure is ignored.
-func allocateFirstBlock(f *formats.File, size int64) {
-	n := int64(maxBlockSize)
-	if size < maxBlockSize {
-		n = sectorSize
-	}
-	f.WriteAt(make([]byte, n), 0)
 }
 
 // errnoOf turns a system error into QEMU's wording ("Invalid argument").

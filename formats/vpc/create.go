@@ -155,6 +155,9 @@ func createFixed(f *formats.File, ft *Footer, size int64) error {
 	if err := f.Truncate(size + footerSize); err != nil {
 		return fmt.Errorf("Could not resize file: %w", formats.ErrnoError{Err: err})
 	}
+	// The file protocol sized the new file to the guest size first, which
+	// allocates its first block; the data region keeps it.
+	formats.AllocateFirstBlock(f, size)
 	if _, err := f.WriteAt(ft.encode(), size); err != nil {
 		return fmt.Errorf("Unable to write VHD header: %w", formats.ErrnoError{Err: err})
 	}
