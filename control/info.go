@@ -23,6 +23,10 @@ type InfoOptions struct {
 	// Open opens one image; info never reads guest data, so it may
 	// leave the backing chain closed.
 	Open Opener
+	// Name, when set, is what the top image is called instead of its
+	// file name: the json: name QEMU gives an image opened with options
+	// a file name cannot express.
+	Name string
 }
 
 // ImageInfo is QAPI's ImageInfo as qemu-img info fills it
@@ -73,6 +77,9 @@ func Info(o InfoOptions) (*InfoList, error) {
 		img.Close()
 		if err != nil {
 			return nil, err
+		}
+		if len(list.Images) == 0 && o.Name != "" {
+			info.Filename = o.Name
 		}
 		list.Images = append(list.Images, info)
 		if !o.BackingChain {

@@ -57,15 +57,28 @@ func MarshalQJSON(v any) string {
 	return w.b.String()
 }
 
+// MarshalQJSONCompact renders v as qobject_to_json does, on one line:
+// the form of QEMU's json: file names.
+func MarshalQJSONCompact(v any) string {
+	w := jsonWriter{compact: true}
+	w.value("", false, v)
+	return w.b.String()
+}
+
 // jsonWriter follows json-writer.c: a value opens on a new line indented
 // four spaces per open container, a comma ends every value but the last.
+// Compact output has no line breaks and a space after each comma.
 type jsonWriter struct {
 	b         strings.Builder
 	depth     int
 	needComma bool
+	compact   bool
 }
 
 func (w *jsonWriter) newline() {
+	if w.compact {
+		return
+	}
 	w.b.WriteByte('\n')
 	w.b.WriteString(strings.Repeat("    ", w.depth))
 }
@@ -73,6 +86,9 @@ func (w *jsonWriter) newline() {
 func (w *jsonWriter) name(name string, named bool) {
 	if w.needComma {
 		w.b.WriteByte(',')
+		if w.compact {
+			w.b.WriteByte(' ')
+		}
 		w.newline()
 	} else {
 		if w.b.Len() > 0 {

@@ -161,3 +161,20 @@ func FuzzQuotedString(f *testing.F) {
 // qemuRejects reports the code points QEMU's modified UTF-8 decoder
 // refuses although they are valid UTF-8: noncharacters.
 func qemuRejects(r rune) bool { return r >= 0xFDD0 && r <= 0xFDEF || r&0xFFFE == 0xFFFE }
+
+func TestMarshalQJSONCompact(t *testing.T) {
+	v := formats.Object{
+		{Key: "driver", Value: "luks"},
+		{Key: "file", Value: formats.Object{{Key: "driver", Value: "file"}, {Key: "filename", Value: "t.luks"}}},
+		{Key: "key-secret", Value: "sec0"},
+	}
+	// As qemu-img 7.2 names an image opened with --image-opts
+	// driver=luks,file.filename=t.luks,key-secret=sec0.
+	want := `{"driver": "luks", "file": {"driver": "file", "filename": "t.luks"}, "key-secret": "sec0"}`
+	if got := MarshalQJSONCompact(v); got != want {
+		t.Errorf("got  %s\nwant %s", got, want)
+	}
+	if got := MarshalQJSONCompact(formats.Object{}); got != "{}" {
+		t.Errorf("empty object: %s", got)
+	}
+}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/imgfs/imgfs/control"
 	"github.com/imgfs/imgfs/formats"
 )
 
@@ -341,6 +342,39 @@ func (o *opener) open(filename, format string, readOnly, noBacking bool) (format
 	return img, nil
 }
 
+// imageOptsName is the json: name QEMU's bdrv_refresh_filename gives an
+// image opened with --image-opts whose options say more than its driver
+// and file name (a LUKS key-secret, say): driver, file and those options
+// as compact JSON. It is "" when the file name alone describes the image.
+// The runtime flags force-share, read-only and cache.direct are not part
+// of a name.
+func imageOptsName(optstr string) string {
+	kvs, err := parseKeyValues(optstr, "file")
+	if err != nil {
+		return ""
+	}
+	driver, file := "", formats.Object{{Key: "driver", Value: "file"}}
+	var extra formats.Object
+	for _, kv := range kvs {
+		switch kv.key {
+		case "driver":
+			driver = kv.value
+		case "file.driver":
+			file[0].Value = kv.value
+		case "file.filename":
+			file = append(file, formats.Member{Key: "filename", Value: kv.value})
+		case "force-share", "read-only", "cache.direct":
+		default:
+			extra = append(extra, formats.Member{Key: kv.key, Value: kv.value})
+		}
+	}
+	if len(extra) == 0 {
+		return ""
+	}
+	obj := append(formats.Object{{Key: "driver", Value: driver}, {Key: "file", Value: file}}, extra...)
+	return "json:" + control.MarshalQJSONCompact(obj)
+}
+
 var errForceShareConflict = errors.New("--force-share/-U conflicts with image options")
 
 // applyImageOpts reads an --image-opts string (driver=qcow2,
@@ -351,6 +385,7 @@ func (o *opener) applyImageOpts(optstr string, oo *formats.OpenOptions) (string,
 		return "", err
 	}
 	var filename string
+	qcowKey := false // the secret came as qcow2's encrypt.key-secret
 	for _, kv := range kvs {
 		switch kv.key {
 		case "driver":
@@ -386,6 +421,10 @@ func (o *opener) applyImageOpts(optstr string, oo *formats.OpenOptions) (string,
 		case "key-secret":
 			// Checked against the driver below: driver= may come later.
 			oo.KeySecret = kv.value
+		case "encrypt.key-secret":
+			// qcow2's name for the same secret; also checked below.
+			oo.KeySecret = kv.value
+			qcowKey = true
 		case "cache.direct":
 			direct, err := formats.ParseBool(kv.value)
 			if err != nil {
@@ -402,7 +441,10 @@ func (o *opener) applyImageOpts(optstr string, oo *formats.OpenOptions) (string,
 			return "", fmt.Errorf("Block format '%s' does not support the option '%s'", oo.Format, kv.key)
 		}
 	}
-	if oo.KeySecret != "" && oo.Format != "" && oo.Format != "luks" {
+	if qcowKey && oo.Format != "" && oo.Format != "qcow2" {
+		return "", fmt.Errorf("Block format '%s' does not support the option 'encrypt.key-secret'", oo.Format)
+	}
+	if !qcowKey && oo.KeySecret != "" && oo.Format != "" && oo.Format != "luks" {
 		// Without driver= the probed driver takes it, as in QEMU.
 		return "", fmt.Errorf("Block format '%s' does not support the option 'key-secret'", oo.Format)
 	}

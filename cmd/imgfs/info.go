@@ -35,11 +35,16 @@ func runInfo(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	name := ""
+	if op.imageOpts {
+		name = imageOptsName(args[0])
+	}
 	first := true
 	list, err := control.Info(control.InfoOptions{
 		Filename:     args[0],
 		Format:       c.String("f"),
 		BackingChain: c.Bool("backing-chain"),
+		Name:         name,
 		Open: func(name, format string) (formats.Image, error) {
 			// Like qemu-img (BDRV_O_NO_BACKING | BDRV_O_NO_IO), info
 			// reads headers only. --image-opts describes the top image;
