@@ -369,21 +369,20 @@ func (d *imageDir) modify(content bool, fn func(formats.Image) error) error {
 	return err
 }
 
-// withWritable runs fn on the shared image and flushes it.
+// withWritable runs fn on the shared image, read-write (acquire may
+// reopen it so), and flushes it.
 func (d *imageDir) withWritable(fn func(formats.Image) error) error {
-	img, writable, _, err := d.acquire()
-	if err != nil {
+	if _, err := d.acquire(true); err != nil {
 		return err
 	}
 	defer d.release()
-	if !writable {
-		return formats.Errorf(formats.ErrReadOnly, "%s is read-only in the mount", d.name)
-	}
-	err = fn(img)
-	if ferr := img.Flush(); err == nil {
-		err = ferr
-	}
-	return err
+	return d.withImage(func(img formats.Image) error {
+		err := fn(img)
+		if ferr := img.Flush(); err == nil {
+			err = ferr
+		}
+		return err
+	})
 }
 
 // dropDiskCache makes the kernel forget disk's pages and attributes

@@ -27,10 +27,11 @@ var (
 )
 
 // diskHandle is one open of disk; it holds a reference to the shared
-// image for as long as it is open.
+// image for as long as it is open, and reaches the image through dir
+// because a later writer may swap a read-only image for a read-write one.
 type diskHandle struct {
-	dir      *imageDir
-	img      formats.Image
+	dir *imageDir
+	// writable: disk was opened for writing (and the image read-write).
 	writable bool
 }
 
@@ -72,19 +73,16 @@ func (n *diskNode) fillAttr(key fileKey, size int64, a *fuse.Attr) {
 // shell's `> disk` overwrite the guest bytes instead of first resizing
 // the image to nothing. truncate(2) and ftruncate(2) do resize.
 func (n *diskNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
-	img, writable, keep, err := n.dir.acquire()
+	write := flags&syscall.O_ACCMODE != syscall.O_RDONLY
+	keep, err := n.dir.acquire(write)
 	if err != nil {
 		return nil, 0, Errno(err)
-	}
-	if flags&syscall.O_ACCMODE != syscall.O_RDONLY && !writable {
-		n.dir.release()
-		return nil, 0, syscall.EROFS
 	}
 	var fuseFlags uint32
 	if keep {
 		fuseFlags = fuse.FOPEN_KEEP_CACHE
 	}
-	return &diskHandle{dir: n.dir, img: img, writable: writable}, fuseFlags, 0
+	return &diskHandle{dir: n.dir, writable: write}, fuseFlags, 0
 }
 
 // Setattr implements truncate(2) as an image resize; a shrink is what
@@ -102,34 +100,50 @@ func (n *diskNode) Setattr(ctx context.Context, fh gofs.FileHandle, in *fuse.Set
 	}
 	d := n.dir
 	size, resize := in.GetSize()
-	img, writable, _, err := d.acquire()
-	if err != nil {
+	if _, err := d.acquire(false); err != nil {
 		return Errno(err)
 	}
 	defer d.release()
-	if resize && uint64(img.Size()) != size {
-		if !writable {
-			return syscall.EROFS
-		}
-		r, ok := img.(formats.Resizer)
-		if !ok {
-			return syscall.EOPNOTSUPP
-		}
-		if size > 1<<62 {
-			return syscall.EFBIG
-		}
-		err := r.Resize(int64(size), "", true)
-		d.changed()
-		if err != nil {
-			return Errno(err)
+	var cur int64
+	if err := d.withImage(func(img formats.Image) error { cur = img.Size(); return nil }); err != nil {
+		return Errno(err)
+	}
+	if resize && uint64(cur) != size {
+		if errno := n.resize(size); errno != 0 {
+			return errno
 		}
 	}
 	key, err := statFile(d.path)
 	if err != nil {
 		key = d.key
 	}
-	n.fillAttr(key, img.Size(), &out.Attr)
+	if err := d.withImage(func(img formats.Image) error { cur = img.Size(); return nil }); err != nil {
+		return Errno(err)
+	}
+	n.fillAttr(key, cur, &out.Attr)
 	return 0
+}
+
+// resize is truncate(2) to a new size: a write, so it needs the image
+// read-write (acquire may reopen it so).
+func (n *diskNode) resize(size uint64) syscall.Errno {
+	d := n.dir
+	if _, err := d.acquire(true); err != nil {
+		return Errno(err)
+	}
+	defer d.release()
+	return Errno(d.withImage(func(img formats.Image) error {
+		r, ok := img.(formats.Resizer)
+		if !ok {
+			return formats.ErrUnsupported
+		}
+		if size > 1<<62 {
+			return syscall.EFBIG
+		}
+		err := r.Resize(int64(size), "", true)
+		d.changed()
+		return err
+	}))
 }
 
 func (h *diskHandle) Release(ctx context.Context) syscall.Errno {
@@ -138,12 +152,17 @@ func (h *diskHandle) Release(ctx context.Context) syscall.Errno {
 }
 
 func (h *diskHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	size := h.img.Size()
+	img, done, err := h.dir.image()
+	if err != nil {
+		return nil, Errno(err)
+	}
+	defer done()
+	size := img.Size()
 	if off >= size || off < 0 {
 		return fuse.ReadResultData(nil), 0
 	}
 	buf := dest[:min(int64(len(dest)), size-off)]
-	n, err := h.img.ReadAt(buf, off)
+	n, err := img.ReadAt(buf, off)
 	if err != nil && !(errors.Is(err, io.EOF) && n > 0) {
 		return nil, Errno(err)
 	}
@@ -155,14 +174,19 @@ func (h *diskHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.Rea
 // ENOSPC, and a write across the end is cut short there.
 func (h *diskHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
 	if !h.writable {
-		return 0, syscall.EROFS
+		return 0, syscall.EBADF
 	}
-	size := h.img.Size()
+	img, done, err := h.dir.image()
+	if err != nil {
+		return 0, Errno(err)
+	}
+	defer done()
+	size := img.Size()
 	if off >= size {
 		return 0, syscall.ENOSPC
 	}
 	data = data[:min(int64(len(data)), size-off)]
-	n, err := h.img.WriteAt(data, off)
+	n, err := img.WriteAt(data, off)
 	h.dir.changed()
 	if err != nil && n == 0 {
 		return 0, Errno(err)
@@ -171,7 +195,7 @@ func (h *diskHandle) Write(ctx context.Context, data []byte, off int64) (uint32,
 }
 
 func (h *diskHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
-	return Errno(h.img.Flush())
+	return Errno(h.dir.withImage(func(img formats.Image) error { return img.Flush() }))
 }
 
 // zeroChunk bounds the buffer of the fallback that writes zeroes by hand.
@@ -190,43 +214,52 @@ func (h *diskHandle) Allocate(ctx context.Context, off, length uint64, mode uint
 		return syscall.EOPNOTSUPP
 	}
 	if !h.writable {
-		return syscall.EROFS
+		return syscall.EBADF
 	}
 	start, end := int64(off), int64(off+length)
-	if mode&unix.FALLOC_FL_KEEP_SIZE == 0 && end > h.img.Size() {
-		r, ok := h.img.(formats.Resizer)
-		if !ok {
-			return syscall.EOPNOTSUPP
+	zeroed := false
+	err := h.dir.withImage(func(img formats.Image) error {
+		if mode&unix.FALLOC_FL_KEEP_SIZE == 0 && end > img.Size() {
+			r, ok := img.(formats.Resizer)
+			if !ok {
+				return formats.ErrUnsupported
+			}
+			err := r.Resize(end, "", false)
+			h.dir.changed()
+			if err != nil {
+				return err
+			}
 		}
-		err := r.Resize(end, "", false)
+		end = min(end, img.Size())
+		if start >= end || mode&(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_ZERO_RANGE) == 0 {
+			return nil
+		}
+		zeroed = true
+		err := zero(img, start, end, mode&unix.FALLOC_FL_PUNCH_HOLE != 0)
 		h.dir.changed()
-		if err != nil {
-			return Errno(err)
-		}
+		return err
+	})
+	// Outside withImage: the kernel may wait for a read of disk, which
+	// needs the image.
+	if zeroed {
+		notifyContent(h.dir.disk, start, end-start)
 	}
-	end = min(end, h.img.Size())
-	if start >= end || mode&(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_ZERO_RANGE) == 0 {
-		return 0
-	}
-	err := h.zero(start, end, mode&unix.FALLOC_FL_PUNCH_HOLE != 0)
-	h.dir.changed()
-	notifyContent(h.dir.disk, start, end-start)
 	return Errno(err)
 }
 
-// zero makes [start, end) read as zeroes, deallocating when unmap.
-func (h *diskHandle) zero(start, end int64, unmap bool) error {
-	if z, ok := h.img.(formats.Zeroer); ok {
+// zero makes [start, end) of img read as zeroes, deallocating when unmap.
+func zero(img formats.Image, start, end int64, unmap bool) error {
+	if z, ok := img.(formats.Zeroer); ok {
 		return z.WriteZeroes(start, end-start, unmap)
 	}
 	// A discard reads back as zeroes only without a backing image.
-	if dc, ok := h.img.(formats.Discarder); ok && unmap && backingOf(h.img) == nil {
+	if dc, ok := img.(formats.Discarder); ok && unmap && backingOf(img) == nil {
 		return dc.Discard(start, end-start)
 	}
 	buf := make([]byte, min(zeroChunk, end-start))
 	for off := start; off < end; {
 		n := min(int64(len(buf)), end-off)
-		if _, err := h.img.WriteAt(buf[:n], off); err != nil {
+		if _, err := img.WriteAt(buf[:n], off); err != nil {
 			return err
 		}
 		off += n
@@ -248,7 +281,12 @@ const statusProbe = 1 << 30
 // zeroes (allocated as zero, or unallocated down to the bottom of the
 // chain) are holes, everything else is data. The end of disk is a hole.
 func (h *diskHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
-	size := h.img.Size()
+	img, done, err := h.dir.image()
+	if err != nil {
+		return 0, Errno(err)
+	}
+	defer done()
+	size := img.Size()
 	if off >= uint64(size) {
 		return 0, syscall.ENXIO
 	}
@@ -260,7 +298,7 @@ func (h *diskHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint
 		if err := ctx.Err(); err != nil {
 			return 0, syscall.EINTR
 		}
-		ce, err := formats.ChainStatus(h.img, pos, min(statusProbe, size-pos))
+		ce, err := formats.ChainStatus(img, pos, min(statusProbe, size-pos))
 		if err != nil {
 			return 0, Errno(err)
 		}

@@ -2,6 +2,7 @@ package fs
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -22,13 +23,23 @@ type imageDir struct {
 	// key is the file the node was made for (its dev and inode).
 	key fileKey
 
-	// mu guards img, refs, writable, closedKey and everOpen. Opening and
-	// closing happen under it, so nobody sees a half-open image.
-	mu  sync.Mutex
-	img formats.Image
+	// mu guards img, refs, writable, pins, closedKey and everOpen.
+	// Opening, swapping and closing happen under it, so nobody sees a
+	// half-open image. Lock order: mu, then swap.
+	mu sync.Mutex
+	// swap guards img against being swapped or closed while a holder of
+	// a reference uses it: uses hold it for reading (see image), changes
+	// of img for writing. A holder of swap never takes mu.
+	swap sync.RWMutex
+	img  formats.Image
 	// refs counts open disk handles and operations using img.
-	refs     int
+	refs int
+	// writable: img is open read-write, because a writer (disk opened
+	// for writing, truncate, fallocate, a ctl change) needed it since
+	// the image was opened; see acquire.
 	writable bool
+	// pins counts open snapshot files, whose views read through img.
+	pins int
 	// closedKey is the file as it was when the image was last closed:
 	// finding it unchanged on the next open means the kernel's cached
 	// pages of disk are still right.
@@ -84,41 +95,129 @@ func (d *imageDir) mayWrite(key fileKey) bool {
 	return !d.t.readOnly && key.writable && !d.t.src.backsAnother(d.path, key)
 }
 
-// acquire returns the shared open image, opening it if needed, and
-// whether it is writable and whether the kernel's cached pages of disk
-// are still valid. Every successful acquire is paired with a release.
-func (d *imageDir) acquire() (img formats.Image, writable, keepCache bool, err error) {
+// acquire takes a reference to the shared image, opening it if needed,
+// and says whether the kernel's cached pages of disk are still valid.
+// Every successful acquire is paired with a release; the image itself is
+// reached through image, because it may be swapped meanwhile.
+//
+// A reader (write false) opens the image read-only, which takes only
+// QEMU's read locks, so a VM or qemu-img may still use the image as QEMU
+// would let two of its own processes. A writer needs the image
+// read-write: a read-only one is closed and reopened read-write, and a
+// lock conflict fails the writer with ErrLocked while readers keep a
+// read-only image. Once read-write, the image stays so until the last
+// reference goes: downgrading when the last writer leaves would need
+// another swap for no gain to most users, who close disk soon after.
+func (d *imageDir) acquire(write bool) (keepCache bool, err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.img != nil {
+		if write && !d.writable {
+			if err := d.reopenWritableLocked(); err != nil {
+				return false, err
+			}
+		}
 		d.refs++
-		return d.img, d.writable, true, nil
+		return true, nil
 	}
 	ce := d.t.src.chain(d.path)
 	if ce.err != nil {
-		return nil, false, false, ce.err
+		return false, ce.err
 	}
-	rw := d.mayWrite(ce.key)
-	img, err = openImage(d.path, formats.OpenOptions{ReadOnly: !rw})
-	if err != nil && rw {
-		// A corrupt qcow2 image, or one a VM reads, may still open
-		// read-only: reading is better than nothing.
-		var roErr error
-		if img, roErr = openImage(d.path, formats.OpenOptions{ReadOnly: true}); roErr == nil {
-			d.t.logf("imgfs: %s opened read-only: %v", d.path, err)
-			rw, err = false, nil
+	if write && !d.mayWrite(ce.key) {
+		return false, formats.Errorf(formats.ErrReadOnly, "%s is read-only in the mount", d.name)
+	}
+	img, err := openImage(d.path, formats.OpenOptions{ReadOnly: !write})
+	if err != nil {
+		return false, err
+	}
+	// refs is not 0 after a failed swap lost the image (see image): the
+	// handles then left are registered already.
+	if d.refs == 0 {
+		if err := d.t.register(d); err != nil {
+			img.Close()
+			return false, err
 		}
 	}
-	if err != nil {
-		return nil, false, false, err
-	}
-	if err := d.t.register(d); err != nil {
-		img.Close()
-		return nil, false, false, err
-	}
 	keepCache = d.everOpen && d.closedKey.same(ce.key)
-	d.img, d.refs, d.writable = img, 1, rw
-	return img, rw, keepCache, nil
+	d.swap.Lock()
+	d.img, d.writable = img, write
+	d.swap.Unlock()
+	d.refs++
+	return keepCache, nil
+}
+
+// errPinned refuses a writer while a snapshot file is open: its view
+// reads through the shared read-only image, which cannot be swapped.
+var errPinned = fmt.Errorf("a snapshot of the image is open in the mount (close it first): %w", syscall.EBUSY)
+
+// reopenWritableLocked swaps the open read-only image for a read-write
+// one. Our own read-only open's locks would conflict with the new one's,
+// so the old image is closed first; if the read-write open fails, a
+// read-only one is opened again for the readers. It waits, holding d.mu,
+// for the operations using the image to finish (d.swap).
+func (d *imageDir) reopenWritableLocked() error {
+	if d.pins > 0 {
+		return errPinned
+	}
+	ce := d.t.src.chain(d.path)
+	if ce.err != nil {
+		return ce.err
+	}
+	if !d.mayWrite(ce.key) {
+		return formats.Errorf(formats.ErrReadOnly, "%s is read-only in the mount", d.name)
+	}
+	d.swap.Lock()
+	defer d.swap.Unlock()
+	if err := d.img.Close(); err != nil {
+		d.t.logf("imgfs: closing %s to reopen it read-write: %v", d.path, err)
+	}
+	img, err := openImage(d.path, formats.OpenOptions{})
+	if err == nil {
+		d.img, d.writable = img, true
+		return nil
+	}
+	ro, roErr := openImage(d.path, formats.OpenOptions{ReadOnly: true})
+	if roErr != nil {
+		// The readers' handles now fail with EIO (see image).
+		d.t.logf("imgfs: reopening %s read-only: %v", d.path, roErr)
+		ro = nil
+	}
+	d.img = ro
+	return err
+}
+
+// errImageLost: a swap failed to reopen the image for the readers.
+var errImageLost = fmt.Errorf("the image could not be reopened: %w", syscall.EIO)
+
+// image returns the shared image for one operation of a holder of a
+// reference, and the function to call when the operation is done. The
+// image cannot be swapped (or closed) in between, so done must come
+// before anything that may wait for another request of the mount.
+func (d *imageDir) image() (formats.Image, func(), error) {
+	d.swap.RLock()
+	if d.img == nil {
+		d.swap.RUnlock()
+		return nil, func() {}, errImageLost
+	}
+	return d.img, d.swap.RUnlock, nil
+}
+
+// withImage runs fn on the shared image; the caller holds a reference.
+func (d *imageDir) withImage(fn func(formats.Image) error) error {
+	img, done, err := d.image()
+	if err != nil {
+		return err
+	}
+	defer done()
+	return fn(img)
+}
+
+// pin and unpin count the snapshot views reading through the image.
+func (d *imageDir) pin(delta int) {
+	d.mu.Lock()
+	d.pins += delta
+	d.mu.Unlock()
 }
 
 // release drops one reference and closes the image after the last.
@@ -126,7 +225,12 @@ func (d *imageDir) release() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.refs--
-	if d.refs > 0 || d.img == nil {
+	if d.refs > 0 {
+		return
+	}
+	if d.img == nil {
+		d.refs = 0
+		d.t.unregister(d)
 		return
 	}
 	if err := d.closeLocked(); err != nil {
@@ -145,8 +249,10 @@ func (d *imageDir) closeImage() error {
 }
 
 func (d *imageDir) closeLocked() error {
+	d.swap.Lock()
 	err := d.img.Close()
 	d.img, d.refs = nil, 0
+	d.swap.Unlock()
 	d.t.unregister(d)
 	d.everOpen = true
 	d.closedKey, _ = statFile(d.path)
@@ -158,11 +264,11 @@ func (d *imageDir) closeLocked() error {
 // keep a VM or the disk file from the image.
 func (d *imageDir) use(o formats.OpenOptions, fn func(formats.Image) error) error {
 	d.mu.Lock()
-	if img := d.img; img != nil {
+	if d.img != nil {
 		d.refs++
 		d.mu.Unlock()
 		defer d.release()
-		return fn(img)
+		return d.withImage(fn)
 	}
 	d.mu.Unlock()
 	if ce := d.t.src.chain(d.path); ce.err != nil {

@@ -260,18 +260,18 @@ func (h *reportHandle) Write(ctx context.Context, data []byte, off int64) (uint3
 		return 0, syscall.EINVAL
 	}
 	d := n.dir
-	img, writable, _, err := d.acquire()
-	if err != nil {
+	if _, err := d.acquire(true); err != nil {
 		return 0, Errno(err)
 	}
 	defer d.release()
-	if !writable {
-		return 0, syscall.EROFS
-	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	content := checkReport(ctx, img, d.path, mode)
-	if err := img.Flush(); err != nil {
+	var content []byte
+	err := d.withImage(func(img formats.Image) error {
+		content = checkReport(ctx, img, d.path, mode)
+		return img.Flush()
+	})
+	if err != nil {
 		return 0, Errno(err)
 	}
 	d.changed()

@@ -307,12 +307,19 @@ func (f *snapshotFile) Open(ctx context.Context, flags uint32) (gofs.FileHandle,
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
 		return nil, 0, syscall.EACCES
 	}
-	img, _, _, err := f.dir.acquire()
-	if err != nil {
+	if _, err := f.dir.acquire(false); err != nil {
 		return nil, 0, Errno(err)
 	}
-	v, err := f.openView(img)
+	// The view reads through the shared image: pinned, it is not
+	// swapped for a read-write one while the view is open.
+	f.dir.pin(1)
+	var v formats.Image
+	err := f.dir.withImage(func(img formats.Image) (err error) {
+		v, err = f.openView(img)
+		return err
+	})
 	if err != nil {
+		f.dir.pin(-1)
 		f.dir.release()
 		return nil, 0, Errno(err)
 	}
@@ -358,6 +365,7 @@ func (h *snapshotHandle) Release(ctx context.Context) syscall.Errno {
 		return 0
 	}
 	err := h.view.Close()
+	h.dir.pin(-1)
 	h.dir.release()
 	return Errno(err)
 }
