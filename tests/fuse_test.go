@@ -28,10 +28,10 @@ func imgfsBin() string { return filepath.Join(filepath.Dir(ours), "imgfs") }
 func requireFUSE(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("FUSE tests need root")
+		t.Fatal("FUSE tests need root (the test machines run as root)")
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("FUSE tests need /dev/fuse")
+		t.Fatal("FUSE tests need /dev/fuse")
 	}
 }
 
@@ -432,7 +432,7 @@ func TestFUSELoopExt4(t *testing.T) {
 	requireFUSE(t)
 	for _, tool := range []string{"losetup", "mkfs.ext4", "mount", "umount"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
+			t.Fatalf("%s not installed: run `make test`, which installs it", tool)
 		}
 	}
 	src := t.TempDir()
@@ -447,7 +447,7 @@ func TestFUSELoopExt4(t *testing.T) {
 		mnt := mountImgfs(t, src)
 		r := run(t, "", "losetup", "--find", "--show", "-P", filepath.Join(mnt, "fs.qcow2", "disk"))
 		if r.code != 0 {
-			t.Skipf("no loop device: %s", r.stderr)
+			t.Fatalf("no loop device: %s", r.stderr)
 		}
 		loop := strings.TrimSpace(r.stdout)
 		defer umountImgfs(t, mnt)
@@ -565,7 +565,7 @@ func TestFUSESingleFileHelper(t *testing.T) {
 	requireFUSE(t)
 	helper, err := exec.LookPath("mount.fuse3")
 	if err != nil {
-		t.Skip("mount.fuse3 not installed")
+		t.Fatal("mount.fuse3 not installed: run `make test`, which installs fuse3")
 	}
 	src := t.TempDir()
 	// A raw image under a name no rule would pick: naming the file is

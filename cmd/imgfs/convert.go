@@ -210,7 +210,11 @@ func runConvert(c *cli.Context) error {
 			top := *op
 			top.imageOpts, top.direct, top.forceShare = f.tgtImageOpts, direct, false
 			if kvs, err := parseKeyValues(f.options, ""); err == nil {
+				// luks names the passphrase key-secret, qcow2 encrypt.key-secret.
 				top.keySecret = kvs.get("key-secret")
+				if f.outFmt == "qcow2" {
+					top.keySecret = kvs.get("encrypt.key-secret")
+				}
 			}
 			return top.open(target, f.outFmt, false, false)
 		},

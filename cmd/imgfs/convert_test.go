@@ -129,7 +129,7 @@ func convertCases() []convertCase {
 // Compressed outputs must be about as small as qemu-img's.
 func TestConvertMatchesQemu(t *testing.T) {
 	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed")
+		t.Fatal("qemu-img not installed: run `make test`, which installs it")
 	}
 	buildFixtures(t, convertFixtures())
 	for _, tc := range convertCases() {
@@ -246,7 +246,7 @@ func fileSize(t *testing.T, name string) int64 {
 // line and of the images, which happen before anything is copied.
 func TestConvertErrorsMatchQemu(t *testing.T) {
 	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed")
+		t.Fatal("qemu-img not installed: run `make test`, which installs it")
 	}
 	buildFixtures(t, append(convertFixtures(),
 		qimg("create", "-q", "-f", "raw", "small.raw", "1M"),

@@ -49,12 +49,17 @@ const (
 )
 
 // retryLocked calls try until it succeeds, fails with a message that is
-// not a lock conflict, or has been retried lockRetries times. try
-// returns its error and the message to look for the conflict in.
+// not a passing failure, or has been retried lockRetries times. try
+// returns its error and the message to look for the failure in. Passing
+// failures are lock conflicts (a parallel test's forked child briefly
+// holds OFD locks of files this process closed) and qemu-img's PBKDF2
+// benchmark for LUKS, which Debian's 7.2 fails now and then on a busy
+// machine ("Unable to get accurate CPU usage").
 func retryLocked(try func() (msg string, err error)) {
 	for i := 0; ; i++ {
 		msg, err := try()
-		if err == nil || !strings.Contains(msg, "Failed to get") || i == lockRetries {
+		passing := strings.Contains(msg, "Failed to get") || strings.Contains(msg, "Unable to get accurate CPU usage")
+		if err == nil || !passing || i == lockRetries {
 			return
 		}
 		time.Sleep(lockRetryDelay)

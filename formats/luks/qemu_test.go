@@ -23,11 +23,7 @@ var secrets = map[string][]byte{"sec0": []byte("abc")}
 
 func needQEMU(t *testing.T) {
 	t.Helper()
-	for _, p := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skipf("%s not installed", p)
-		}
-	}
+	formatstest.RequireQemu(t)
 }
 
 func run(t *testing.T, name string, args ...string) string {
@@ -49,25 +45,11 @@ func qemuCreate(t *testing.T, name, opts string) {
 	qemuRetry(t, "create", "-q", "-f", "luks", "--object", secretObj, "-o", "key-secret=sec0,iter-time=10"+opts, name, "1M")
 }
 
-// qemuRetry runs qemu-img with args and returns its output. QEMU 7.2 as
-// Debian patches it fails its PBKDF2 benchmark now and then on a busy
-// machine ("Unable to get accurate CPU usage"), so that failure is
-// retried.
+// qemuRetry runs qemu-img with args and returns its output, retrying
+// the passing failures formatstest.Exec knows.
 func qemuRetry(t *testing.T, args ...string) string {
 	t.Helper()
-	var out []byte
-	for range 5 {
-		var err error
-		out, err = exec.Command("qemu-img", args...).CombinedOutput()
-		if err == nil {
-			return string(out)
-		}
-		if !bytes.Contains(out, []byte("Unable to get accurate CPU usage")) {
-			break
-		}
-	}
-	t.Fatalf("qemu-img %q: %s", args, out)
-	return ""
+	return formatstest.Exec(t, "qemu-img", args...)
 }
 
 // imageOpts is how qemu opens a LUKS image with its key.

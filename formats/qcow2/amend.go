@@ -103,9 +103,11 @@ func (img *Image) readAmendOptions(o *formats.Options) (*amendPlan, error) {
 				return nil, bad("data-file-raw cannot be set on existing images")
 			}
 		case strings.HasPrefix(name, "encrypt."):
-			// Encrypted images do not open in imgfs, so there is never
-			// encryption to amend.
-			return nil, bad("Can't amend encryption options - encryption not present")
+			if img.crypt == nil {
+				return nil, bad("Can't amend encryption options - encryption not present")
+			}
+			// LUKS keyslot management is not implemented.
+			return nil, errorf(formats.ErrUnsupported, "qcow2: amending encryption options is not supported")
 		}
 	}
 	return p, nil

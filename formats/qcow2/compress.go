@@ -157,6 +157,9 @@ func (img *Image) WriteCompressed(off int64, compressed []byte) error {
 	if img.lay.HasDataFile {
 		return fmt.Errorf("%s: compression is not supported with an external data file: %w", img.file.Name(), formats.ErrUnsupported)
 	}
+	if img.crypt != nil {
+		return fmt.Errorf("%s: compression is not supported with encryption: %w", img.file.Name(), formats.ErrUnsupported)
+	}
 	if err := img.beforeMetadataWrite(); err != nil {
 		return err
 	}

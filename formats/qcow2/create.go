@@ -3,9 +3,9 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
+	"github.com/imgfs/imgfs/formats/luks"
 	"math/bits"
 	"os"
-	"strings"
 
 	"github.com/imgfs/imgfs/formats"
 )
@@ -51,6 +51,7 @@ type createParams struct {
 	backingFmt    string
 	dataFile      string
 	dataFileRaw   bool
+	crypt         *luks.CreateParams // nil: not encrypted
 }
 
 // parseCreateOptions checks the options in the order QEMU 7.2 does (the
@@ -81,11 +82,6 @@ func parseCreateOptions(o *formats.Options) (*createParams, error) {
 		p.compression = CompressionZstd
 	default:
 		return nil, bad("Parameter 'compression-type' does not accept value '%s'", v)
-	}
-	for _, s := range o.Specs {
-		if (s.Name == "encryption" && o.Bool("encryption")) || (strings.HasPrefix(s.Name, "encrypt.") && o.Has(s.Name)) {
-			return nil, errorf(formats.ErrUnsupported, "Encrypted qcow2 images are not supported yet")
-		}
 	}
 	size, ok := o.Uint("size")
 	if !ok {
@@ -155,6 +151,12 @@ func parseCreateOptions(o *formats.Options) (*createParams, error) {
 	if lay.L1SizeFor(p.size) > maxL1Bytes/8 {
 		return nil, bad("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
 	}
+	// QEMU sets up encryption last, so its errors come last.
+	crypt, err := parseCryptOptions(o)
+	if err != nil {
+		return nil, err
+	}
+	p.crypt = crypt
 	return p, nil
 }
 
@@ -284,6 +286,9 @@ func (img *Image) finishCreate(p *createParams) error {
 		if err != nil {
 			return fmt.Errorf("Could not assign backing file '%s' with format '%s': %w", p.backingFile, p.backingFmt, err)
 		}
+	}
+	if p.crypt != nil {
+		return img.setUpEncryption(p.crypt)
 	}
 	return nil
 }

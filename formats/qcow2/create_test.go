@@ -107,7 +107,7 @@ func TestCreateErrors(t *testing.T) {
 		{"backing_fmt=raw,lazy_refcounts=on,compat=0.10", "Backing format cannot be used without backing file"},
 		{"backing_file=b,backing_fmt=raw,data_file=x,data_file_raw=on", "Backing file and data-file-raw cannot be used at the same time"},
 		{"cluster_size=512,size=137438953984", "The image size is too large for file format 'qcow2' (try using a larger cluster size)"},
-		{"encrypt.format=luks", "Encrypted qcow2 images are not supported yet"},
+		{"encrypt.format=luks", "Parameter 'encrypt.key-secret' is required for cipher"},
 	}
 	dir := t.TempDir()
 	for _, c := range cases {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/formatstest"
 )
 
 // Test helpers shared by the differential tests. They run the real
@@ -20,11 +21,7 @@ import (
 
 func haveQemu(t testing.TB) {
 	t.Helper()
-	for _, p := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(p); err != nil {
-			t.Skipf("%s not installed", p)
-		}
-	}
+	formatstest.RequireQemu(t)
 }
 
 // lockRace reports a lock conflict that only a forked child of a

@@ -65,6 +65,8 @@ type Image struct {
 	reftable []uint64 // refcount table, host byte order
 	l2Cache  *tableCache
 	rbCache  *tableCache
+	// crypt is the LUKS encryption of an encrypted image, else nil.
+	crypt *cryptoState
 	// snapshots and the bitmap directory as read at open or last
 	// written (for info and for the overlap checks).
 	snapshots []SnapshotEntry
@@ -200,8 +202,12 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 	if lay.SubclusterSize < 1<<minClusterBits {
 		return nil, errorf(formats.ErrUnsupported, "Unsupported subcluster size: %d", lay.SubclusterSize)
 	}
-	if h.CryptMethod != 0 {
-		return nil, errorf(formats.ErrUnsupported, "qcow2: encrypted images are not supported (crypt method %d)", h.CryptMethod)
+	var crypt *cryptoState
+	if h.CryptMethod != cryptNone {
+		var err error
+		if crypt, err = openCrypto(f, h, o, readOnly); err != nil {
+			return nil, err
+		}
 	}
 	if h.RefcountTableClusters == 0 {
 		return nil, errorf(formats.ErrCorrupt, "Image does not contain a reference count table")
@@ -229,6 +235,7 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 		hdr:      h,
 		lay:      lay,
 		size:     int64(h.Size),
+		crypt:    crypt,
 	}
 	for _, w := range h.Warnings {
 		img.warnf("%s", w)
@@ -442,6 +449,7 @@ func (img *Image) Describe() (*formats.Description, error) {
 		ClusterSize:  img.lay.ClusterSize,
 		HasDirtyFlag: true,
 		DirtyFlag:    h.IncompatibleFeatures&IncompatDirty != 0,
+		Encrypted:    img.crypt != nil,
 	}
 	for i := range img.snapshots {
 		d.Snapshots = append(d.Snapshots, img.snapshots[i].info())
@@ -471,6 +479,9 @@ func (img *Image) Describe() (*formats.Description, error) {
 			formats.Member{Key: "corrupt", Value: h.IncompatibleFeatures&IncompatCorrupt != 0},
 			formats.Member{Key: "refcount-bits", Value: int64(img.lay.RefcountBits)},
 		)
+		if img.crypt != nil {
+			data = append(data, img.crypt.describe())
+		}
 		if len(img.bitmaps) > 0 {
 			list := make([]any, len(img.bitmaps))
 			for i := range img.bitmaps {

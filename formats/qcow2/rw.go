@@ -3,6 +3,7 @@ package qcow2
 import (
 	"errors"
 	"fmt"
+	"github.com/imgfs/imgfs/formats/luks"
 	"io"
 
 	"github.com/imgfs/imgfs/formats"
@@ -66,6 +67,9 @@ func (img *Image) readMapping(p []byte, off int64, m mapping) error {
 	case ZeroPlain, ZeroAlloc:
 		clear(p)
 	case Normal:
+		if img.crypt != nil {
+			return img.readEncrypted(p, m.host, uint64(off))
+		}
 		if _, err := img.data.ReadAt(p, int64(m.host)); err != nil {
 			return fmt.Errorf("%s: reading %d bytes at host offset %#x: %w", img.data.Name(), len(p), m.host, err)
 		}
@@ -154,6 +158,13 @@ func (img *Image) writeStep(p []byte, off int64, exclusive bool) (int64, error) 
 		err = img.corruptOnWrite(err)
 		img.mu.Unlock()
 		return 0, err
+	}
+	if m.typ == Normal && (m.copied || img.lay.HasDataFile) && img.crypt != nil {
+		// Encrypted writes of partial sectors read, modify and write
+		// whole sectors: under the lock, so that two of them sharing a
+		// sector do not lose an update.
+		defer img.mu.Unlock()
+		return m.length, img.writeEncrypted(p[:m.length], m.host)
 	}
 	if m.typ == Normal && (m.copied || img.lay.HasDataFile) {
 		img.mu.Unlock()
@@ -262,7 +273,7 @@ func (img *Image) writeAlloc(p []byte, off int64, exclusive bool) (int64, error)
 		src := p[srcStart : srcStart+b-a]
 		h := w.host + uint64(w.lo)
 		if !run.contiguous(h) || w.lo != 0 {
-			if err := run.flush(img.data); err != nil {
+			if err := img.flushRun(&run); err != nil {
 				return 0, err
 			}
 			run = hostRun{host: h}
@@ -282,14 +293,14 @@ func (img *Image) writeAlloc(p []byte, off int64, exclusive bool) (int64, error)
 		}
 		if w.hi != cs {
 			// The next cluster cannot continue this run.
-			if err := run.flush(img.data); err != nil {
+			if err := img.flushRun(&run); err != nil {
 				return 0, err
 			}
 			run = hostRun{}
 		}
 		written = w.guest + b - off
 	}
-	if err := run.flush(img.data); err != nil {
+	if err := img.flushRun(&run); err != nil {
 		return 0, err
 	}
 	// Then the L2 entries, then the old storage's refcounts. The table
@@ -352,22 +363,29 @@ func (r *hostRun) add(b []byte) {
 	r.n += len(b)
 }
 
-// flush writes the run to f in one request.
-func (r *hostRun) flush(f *formats.File) error {
+// flushRun writes the run to the data file in one request, encrypted
+// for an encrypted image (runs start and end on whole sectors: they
+// cover whole clusters or subclusters).
+func (img *Image) flushRun(r *hostRun) error {
 	if r.n == 0 {
 		return nil
 	}
+	f := img.data
 	var buf []byte
 	switch {
-	case r.fromP:
+	case r.fromP && img.crypt == nil:
 		buf = r.p[r.pStart:r.pEnd]
-	case len(r.pieces) == 1:
+	case len(r.pieces) == 1 && img.crypt == nil:
 		buf = r.pieces[0]
 	default:
+		// Encryption works on a copy: the pieces may be the caller's.
 		buf = make([]byte, 0, r.n)
 		for _, b := range r.pieces {
 			buf = append(buf, b...)
 		}
+	}
+	if img.crypt != nil {
+		img.crypt.c.Encrypt(buf, r.host/luks.SectorSize)
 	}
 	if _, err := f.WriteAt(buf, int64(r.host)); err != nil {
 		return fmt.Errorf("%s: writing %d bytes at host offset %#x: %w", f.Name(), len(buf), r.host, err)

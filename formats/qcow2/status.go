@@ -81,6 +81,10 @@ func (img *Image) extentOf(m mapping) formats.Extent {
 		// QEMU reports the reserved host offset without data.
 		e.Status = formats.StatusOffsetValid
 	}
+	if img.crypt != nil {
+		// Encrypted host bytes are no guest data: QEMU maps nothing.
+		e.Status &^= formats.StatusOffsetValid
+	}
 	if e.Status&formats.StatusOffsetValid != 0 {
 		e.Offset = int64(m.host)
 		e.File = img.data.Name()
