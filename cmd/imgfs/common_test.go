@@ -291,3 +291,23 @@ func TestLockedImageMatchesQemu(t *testing.T) {
 		sameAsQemu(t, args...)
 	}
 }
+
+// TestTraceOptionsIgnored: qemu-img's global -T/--trace options are
+// accepted with a warning and the command still runs.
+func TestTraceOptionsIgnored(t *testing.T) {
+	buildFixtures(t, []fixture{qimg("create", "-q", "-f", "qcow2", "t.qcow2", "1M")})
+	want := runQemu(t, "info", "t.qcow2")
+	for _, args := range [][]string{
+		{"-T", "bdrv_*", "info", "t.qcow2"},
+		{"--trace", "events=/nonexist", "info", "t.qcow2"},
+		{"--trace=bdrv_open", "-Tqcow2_*", "info", "t.qcow2"},
+	} {
+		got := runImgfs(args...)
+		if got.code != 0 || got.stdout != want.stdout || !strings.Contains(got.stderr, "warning: tracing is not supported") {
+			t.Errorf("%v: %+v", args, got)
+		}
+	}
+	if got := runImgfs("-T"); got.code != 1 || !strings.Contains(got.stderr, "missing argument for option '-T'") {
+		t.Errorf("-T without a value: %+v", got)
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
@@ -57,6 +58,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return exitCode(err, stderr)
 	}
+	args, err = skipTraceOptions(args, stderr)
+	if err != nil {
+		return exitCode(err, stderr)
+	}
 	if len(args) < 2 {
 		fmt.Fprintf(stderr, "%s: Not enough arguments\nTry '%s --help' for more information\n", prog, prog)
 		return 1
@@ -68,9 +73,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "-V", "--version":
 		fmt.Fprint(stdout, versionText())
 		return 0
-	case "-T", "--trace":
-		fmt.Fprintf(stderr, "%s: tracing is not supported: imgfs has no QEMU trace events\n", prog)
-		return 1
 	}
 	cmd := app.Command(args[1])
 	if cmd == nil {
@@ -96,6 +98,32 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	err = app.Run(append(append([]string{args[0], args[1]}, norm...), last...))
 	return exitCode(err, stderr)
+}
+
+// skipTraceOptions takes qemu-img's global -T/--trace options off the
+// front of args. imgfs has no QEMU trace events, so each one is accepted
+// with a warning and the command runs untraced, as scripts that pass
+// trace options expect it to run.
+func skipTraceOptions(args []string, stderr io.Writer) ([]string, error) {
+	for len(args) > 1 {
+		a := args[1]
+		var value string
+		switch {
+		case a == "-T" || a == "--trace":
+			if len(args) < 3 {
+				return nil, usageError{fmt.Sprintf("missing argument for option '%s'", a)}
+			}
+			value, args = args[2], append(args[:1:1], args[3:]...)
+		case strings.HasPrefix(a, "--trace="):
+			value, args = a[len("--trace="):], append(args[:1:1], args[2:]...)
+		case strings.HasPrefix(a, "-T"):
+			value, args = a[2:], append(args[:1:1], args[2:]...)
+		default:
+			return args, nil
+		}
+		fmt.Fprintf(stderr, "%s: warning: tracing is not supported, ignoring trace option '%s'\n", prog, value)
+	}
+	return args, nil
 }
 
 func isTerminal(f *os.File) bool {
