@@ -68,3 +68,35 @@ func piece(left int, pos, block int64) int {
 	}
 	return int(min(int64(left), block-pos%block))
 }
+
+// MappedRun is the block-status walk of a format that maps guest blocks
+// of size block to host offsets (hostOffset returns < 0 for an
+// unallocated block): from off, at most length bytes that are all
+// unallocated, or all allocated at contiguous host offsets. host is the
+// host offset of off, < 0 when unallocated.
+func MappedRun(off, length, block int64, hostOffset func(int64) int64) (host, n int64) {
+	host = hostOffset(off)
+	for n < length {
+		h := hostOffset(off + n)
+		if (h < 0) != (host < 0) || host >= 0 && h != host+n {
+			break
+		}
+		n += min(length-n, block-(off+n)%block)
+	}
+	return host, n
+}
+
+// WithHostHoles is QEMU's BDRV_BLOCK_RECURSE step for a data extent at a
+// host offset of f: where the host file has a hole, the extent reads as
+// zeroes, and the extent ends where the host file changes between data
+// and hole.
+func WithHostHoles(f *File, e Extent) Extent {
+	data, n, err := f.DataStatus(e.Offset, e.Length)
+	if err == nil && n > 0 {
+		e.Length = n
+		if !data {
+			e.Status |= StatusZero
+		}
+	}
+	return e
+}

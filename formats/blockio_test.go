@@ -134,3 +134,30 @@ func TestBlocksErrorText(t *testing.T) {
 		}
 	}
 }
+
+func TestMappedRun(t *testing.T) {
+	// Blocks of 4: 0 -> 100, 1 -> 104 (contiguous), 2 -> 200, 3 and 4
+	// unallocated, 5 -> 300.
+	hosts := map[int64]int64{0: 100, 1: 104, 2: 200, 5: 300}
+	hostOffset := func(off int64) int64 {
+		if h, ok := hosts[off/4]; ok {
+			return h + off%4
+		}
+		return -1
+	}
+	for _, tc := range []struct{ off, length, host, n int64 }{
+		{0, 24, 100, 8}, // blocks 0 and 1 merge, 2 is elsewhere
+		{2, 24, 102, 6}, // starting inside a block
+		{8, 24, 200, 4}, // block 2 alone
+		{12, 24, -1, 8}, // the unallocated blocks 3 and 4
+		{13, 2, -1, 2},  // clipped by length
+		{20, 4, 300, 4}, // the last block
+		{0, 3, 100, 3},  // inside the first block
+		{14, 10, -1, 6}, // unallocated up to block 5
+	} {
+		host, n := formats.MappedRun(tc.off, tc.length, 4, hostOffset)
+		if host != tc.host || n != tc.n {
+			t.Errorf("MappedRun(%d, %d) = %d, %d; want %d, %d", tc.off, tc.length, host, n, tc.host, tc.n)
+		}
+	}
+}

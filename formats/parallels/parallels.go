@@ -335,15 +335,7 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 	}
 	img.mu.RLock()
 	defer img.mu.RUnlock()
-	host := img.hostOffset(off)
-	n := int64(0)
-	for n < length {
-		h := img.hostOffset(off + n)
-		if (h < 0) != (host < 0) || host >= 0 && h != host+n {
-			break
-		}
-		n += min(length-n, img.cluster-(off+n)%img.cluster)
-	}
+	host, n := formats.MappedRun(off, length, img.cluster, img.hostOffset)
 	if host < 0 {
 		return formats.Extent{Length: n}, nil
 	}

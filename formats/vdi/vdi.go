@@ -218,28 +218,14 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 	}
 	img.mu.RLock()
 	defer img.mu.RUnlock()
-	host := img.hostOffset(off)
-	n := int64(0)
-	for n < length {
-		h := img.hostOffset(off + n)
-		if (h < 0) != (host < 0) || host >= 0 && h != host+n {
-			break
-		}
-		n += min(length-n, blockSize-(off+n)%blockSize)
-	}
+	host, n := formats.MappedRun(off, length, blockSize, img.hostOffset)
 	if host < 0 {
 		return formats.Extent{Length: n, Status: formats.StatusZero}, nil
 	}
 	e := formats.Extent{Length: n, Status: formats.StatusData | formats.StatusOffsetValid, Offset: host, File: img.f.Name()}
 	if img.static {
 		// BDRV_BLOCK_RECURSE: QEMU asks the host file too.
-		data, k, err := img.f.DataStatus(e.Offset, e.Length)
-		if err == nil && k > 0 {
-			e.Length = k
-			if !data {
-				e.Status |= formats.StatusZero
-			}
-		}
+		e = formats.WithHostHoles(img.f, e)
 	}
 	return e, nil
 }

@@ -356,7 +356,7 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 	}
 	if img.fixed {
 		e := formats.Extent{Length: length, Status: formats.StatusData | formats.StatusOffsetValid, Offset: off, File: img.f.Name()}
-		return withHostHoles(img.f, e), nil
+		return formats.WithHostHoles(img.f, e), nil
 	}
 	img.mu.RLock()
 	defer img.mu.RUnlock()
@@ -369,20 +369,6 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 		n += min(length-n, img.blockSize-(off+n)%img.blockSize)
 	}
 	return formats.Extent{Length: n, Status: formats.StatusZero}, nil
-}
-
-// withHostHoles is the BDRV_BLOCK_RECURSE step: where the host file has
-// a hole, the data extent reads as zeroes, and the extent ends where
-// the host file changes between data and hole.
-func withHostHoles(f *formats.File, e formats.Extent) formats.Extent {
-	data, n, err := f.DataStatus(e.Offset, e.Length)
-	if err == nil && n > 0 {
-		e.Length = n
-		if !data {
-			e.Status |= formats.StatusZero
-		}
-	}
-	return e
 }
 
 // Describe reports what qemu-img info shows: a dynamic disk's block size
