@@ -7,7 +7,6 @@ package bochs
 import (
 	"bytes"
 	"encoding/binary"
-	"fmt"
 	"math/bits"
 	"syscall"
 
@@ -68,8 +67,7 @@ func probe(buf []byte, _ string) int {
 // Image is an open Bochs image. It is safe for concurrent use: it keeps
 // no mutable state.
 type Image struct {
-	f            *formats.File
-	size         int64
+	formats.ReadOnlyBase
 	catalog      []uint32
 	dataOffset   int64
 	bitmapBlocks int64
@@ -129,8 +127,7 @@ func load(f *formats.File) (*Image, error) {
 		return nil, formats.Errorf(formats.ErrCorrupt, "Catalog size is too small for this disk size")
 	}
 	img := &Image{
-		f:            f,
-		size:         sectors * sectorSize,
+		ReadOnlyBase: formats.ReadOnlyBase{File: f, VirtualSize: sectors * sectorSize},
 		catalog:      make([]uint32, catalog),
 		dataOffset:   hdrLen + 4*int64(catalog),
 		bitmapBlocks: 1 + (int64(bitmap)-1)/sectorSize,
@@ -149,9 +146,7 @@ func load(f *formats.File) (*Image, error) {
 	return img, nil
 }
 
-func (img *Image) Size() int64      { return img.size }
-func (img *Image) Format() string   { return "bochs" }
-func (img *Image) Filename() string { return img.f.Name() }
+func (img *Image) Format() string { return "bochs" }
 
 // sector returns the host offset of the guest sector at off, or -1 when
 // the sector reads as zeroes: its extent or its bitmap bit is unset
@@ -164,7 +159,7 @@ func (img *Image) sector(off int64) (int64, error) {
 	}
 	bitmapOff := img.dataOffset + sectorSize*(img.bitmapBlocks+img.extentBlocks)*int64(e)
 	var b [1]byte
-	if _, err := img.f.ReadAt(b[:], bitmapOff+inExtent/(sectorSize*8)); err != nil {
+	if _, err := img.File.ReadAt(b[:], bitmapOff+inExtent/(sectorSize*8)); err != nil {
 		return 0, err
 	}
 	if b[0]>>(inExtent/sectorSize%8)&1 == 0 {
@@ -175,7 +170,7 @@ func (img *Image) sector(off int64) (int64, error) {
 
 // ReadAt reads guest bytes sector by sector.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	return formats.ReadBlocks(img.f.Name(), p, off, img.size, sectorSize, func(q []byte, pos int64) (int, error) {
+	return formats.ReadBlocks(img.File.Name(), p, off, img.VirtualSize, sectorSize, func(q []byte, pos int64) (int, error) {
 		host, err := img.sector(pos)
 		if err != nil {
 			return 0, err
@@ -184,26 +179,6 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 			clear(q)
 			return len(q), nil
 		}
-		return img.f.ReadAt(q, host+pos%sectorSize)
+		return img.File.ReadAt(q, host+pos%sectorSize)
 	})
 }
-
-// WriteAt refuses: bochs is read-only.
-func (img *Image) WriteAt(p []byte, off int64) (int, error) { return 0, formats.ErrReadOnly }
-
-// BlockStatus: QEMU's bochs driver has no block status, so the block
-// layer reports every byte as data without a host offset.
-func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
-	if off < 0 || length < 0 {
-		return formats.Extent{}, fmt.Errorf("%s: block status of %d bytes at offset %d: %w", img.f.Name(), length, off, errIO)
-	}
-	return formats.Extent{Length: min(length, max(img.size-off, 0)), Status: formats.StatusData}, nil
-}
-
-// Describe adds nothing: QEMU's bochs driver has no bdrv_get_info.
-func (img *Image) Describe() (*formats.Description, error) {
-	return &formats.Description{}, nil
-}
-
-func (img *Image) Flush() error { return nil }
-func (img *Image) Close() error { return img.f.Close() }

@@ -48,9 +48,8 @@ func probe(buf []byte, _ string) int {
 
 // Image is an open cloop image. It is safe for concurrent use.
 type Image struct {
-	f         *formats.File
+	formats.ReadOnlyBase
 	blockSize int64
-	size      int64
 	offsets   []uint64
 
 	// mu guards the cache of the last block read: sequential reads hit
@@ -112,7 +111,7 @@ func load(f *formats.File) (*Image, error) {
 	if _, err := f.ReadAt(raw, headerSize+8); err != nil {
 		return nil, err
 	}
-	img := &Image{f: f, blockSize: int64(bs), size: int64(n) * int64(bs), offsets: make([]uint64, n+1), cached: -1}
+	img := &Image{ReadOnlyBase: formats.ReadOnlyBase{File: f, VirtualSize: int64(n) * int64(bs)}, blockSize: int64(bs), offsets: make([]uint64, n+1), cached: -1}
 	for i := range img.offsets {
 		img.offsets[i] = binary.BigEndian.Uint64(raw[8*i:])
 		if i == 0 {
@@ -129,9 +128,7 @@ func load(f *formats.File) (*Image, error) {
 	return img, nil
 }
 
-func (img *Image) Size() int64      { return img.size }
-func (img *Image) Format() string   { return "cloop" }
-func (img *Image) Filename() string { return img.f.Name() }
+func (img *Image) Format() string { return "cloop" }
 
 // block returns the decompressed block i. The caller holds mu.
 func (img *Image) block(i int64) ([]byte, error) {
@@ -142,7 +139,7 @@ func (img *Image) block(i int64) ([]byte, error) {
 	comp := make([]byte, end-start)
 	// A block past the end of the file reads as zeroes and fails to
 	// inflate below.
-	if _, err := img.f.ReadAt(comp, int64(start)); err != nil {
+	if _, err := img.File.ReadAt(comp, int64(start)); err != nil {
 		return nil, err
 	}
 	if img.cacheData == nil {
@@ -150,7 +147,7 @@ func (img *Image) block(i int64) ([]byte, error) {
 	}
 	img.cached = -1
 	if err := inflate(img.cacheData, comp); err != nil {
-		return nil, fmt.Errorf("%s: cloop block %d: %v: %w", img.f.Name(), i, err, errIO)
+		return nil, fmt.Errorf("%s: cloop block %d: %v: %w", img.File.Name(), i, err, errIO)
 	}
 	img.cached = i
 	return img.cacheData, nil
@@ -178,32 +175,11 @@ func inflate(dst, src []byte) error {
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	return formats.ReadBlocks(img.f.Name(), p, off, img.size, img.blockSize, func(q []byte, pos int64) (int, error) {
+	return formats.ReadBlocks(img.File.Name(), p, off, img.VirtualSize, img.blockSize, func(q []byte, pos int64) (int, error) {
 		b, err := img.block(pos / img.blockSize)
 		if err != nil {
 			return 0, err
 		}
 		return copy(q, b[pos%img.blockSize:]), nil
 	})
-}
-
-// WriteAt refuses: cloop is read-only.
-func (img *Image) WriteAt(p []byte, off int64) (int, error) { return 0, formats.ErrReadOnly }
-
-// BlockStatus: QEMU's cloop driver has no block status, so the block
-// layer reports every byte as data without a host offset.
-func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
-	if off < 0 || length < 0 {
-		return formats.Extent{}, fmt.Errorf("%s: block status of %d bytes at offset %d: %w", img.f.Name(), length, off, errIO)
-	}
-	return formats.Extent{Length: min(length, max(img.size-off, 0)), Status: formats.StatusData}, nil
-}
-
-func (img *Image) Flush() error { return nil }
-func (img *Image) Close() error { return img.f.Close() }
-
-// Describe adds nothing: QEMU's cloop driver has no bdrv_get_info, so
-// info shows neither cluster size nor dirty flag.
-func (img *Image) Describe() (*formats.Description, error) {
-	return &formats.Description{}, nil
 }

@@ -82,8 +82,7 @@ type chunk struct {
 
 // Image is an open dmg image. It is safe for concurrent use.
 type Image struct {
-	f      *formats.File
-	size   int64
+	formats.ReadOnlyBase
 	chunks []chunk // sorted by sector
 
 	// mu guards the cache of the last chunk decompressed.
@@ -175,7 +174,7 @@ func load(f *formats.File) (*Image, error) {
 	case sectors > math.MaxInt64/sectorSize:
 		return nil, corrupt(f, "sector count %d too large", sectors)
 	}
-	img := &Image{f: f, size: int64(sectors) * sectorSize, cached: -1}
+	img := &Image{ReadOnlyBase: formats.ReadOnlyBase{File: f, VirtualSize: int64(sectors) * sectorSize}, cached: -1}
 	p := &parser{img: img, dataFork: dataFork}
 	switch {
 	case rsrcLen != 0:
@@ -201,10 +200,10 @@ type parser struct {
 // readTables reads n bytes of block tables at off, bounded by maxTables.
 func (p *parser) readTables(off, n uint64, what string) ([]byte, error) {
 	if n > maxTables {
-		return nil, invalid(p.img.f, formats.ErrUnsupported, "%s of %d bytes larger than %d", what, n, maxTables)
+		return nil, invalid(p.img.File, formats.ErrUnsupported, "%s of %d bytes larger than %d", what, n, maxTables)
 	}
 	buf := make([]byte, n)
-	_, err := p.img.f.ReadAt(buf, int64(off))
+	_, err := p.img.File.ReadAt(buf, int64(off))
 	return buf, err
 }
 
@@ -217,21 +216,21 @@ func (p *parser) resourceFork(off, n uint64) error {
 		return err
 	}
 	if n < 12 {
-		return corrupt(p.img.f, "resource fork of %d bytes too short", n)
+		return corrupt(p.img.File, "resource fork of %d bytes too short", n)
 	}
 	be := binary.BigEndian
 	dataOff, dataLen := uint64(be.Uint32(fork)), uint64(be.Uint32(fork[8:]))
 	if dataOff > n || dataLen == 0 || dataOff+dataLen > n {
-		return corrupt(p.img.f, "resource data [%d, +%d) outside the fork of %d bytes", dataOff, dataLen, n)
+		return corrupt(p.img.File, "resource data [%d, +%d) outside the fork of %d bytes", dataOff, dataLen, n)
 	}
 	end := dataOff + dataLen
 	for pos := dataOff; pos < end; {
 		if pos+4 > n {
-			return corrupt(p.img.f, "resource at %d past the fork's end", pos)
+			return corrupt(p.img.File, "resource at %d past the fork's end", pos)
 		}
 		count := uint64(be.Uint32(fork[pos:]))
 		if count == 0 || count > end-pos || pos+4+count > n {
-			return corrupt(p.img.f, "resource of %d bytes at %d outside the fork's data", count, pos)
+			return corrupt(p.img.File, "resource of %d bytes at %d outside the fork's data", count, pos)
 		}
 		pos += 4
 		if err := p.mish(fork[pos : pos+count]); err != nil {
@@ -257,7 +256,7 @@ func (p *parser) plist(off, n uint64) error {
 		xml = xml[i+len("<data>"):]
 		j := bytes.Index(xml, []byte("</data>"))
 		if j < 0 {
-			return corrupt(p.img.f, "property list <data> without </data>")
+			return corrupt(p.img.File, "property list <data> without </data>")
 		}
 		// Base64 in a plist is broken into lines and indented.
 		clean := bytes.Map(func(r rune) rune {
@@ -268,7 +267,7 @@ func (p *parser) plist(off, n uint64) error {
 		}, xml[:j])
 		mish, err := base64.StdEncoding.DecodeString(string(clean))
 		if err != nil {
-			return corrupt(p.img.f, "property list <data> is not base64: %v", err)
+			return corrupt(p.img.File, "property list <data> is not base64: %v", err)
 		}
 		if err := p.mish(mish); err != nil {
 			return err
@@ -308,25 +307,23 @@ func (p *parser) mish(b []byte) error {
 		i := len(p.img.chunks)
 		// Zero chunks are never expanded, so their size is free.
 		if c.typ != typeZero && c.typ != typeIgnore && c.sectors > maxSectors {
-			return invalid(p.img.f, formats.ErrUnsupported, "sector count %d for chunk %d is larger than max (%d)", c.sectors, i, maxSectors)
+			return invalid(p.img.File, formats.ErrUnsupported, "sector count %d for chunk %d is larger than max (%d)", c.sectors, i, maxSectors)
 		}
 		if c.length > maxLength {
-			return invalid(p.img.f, formats.ErrUnsupported, "length %d for chunk %d is larger than max (%d)", c.length, i, maxLength)
+			return invalid(p.img.File, formats.ErrUnsupported, "length %d for chunk %d is larger than max (%d)", c.length, i, maxLength)
 		}
 		c.sector += baseSector
 		c.offset += p.dataFork + baseOff
 		// Guest byte offsets of the chunk must fit in int64.
 		if c.sector < baseSector || c.sector > math.MaxInt64/sectorSize || c.sectors > math.MaxInt64/sectorSize-c.sector {
-			return corrupt(p.img.f, "chunk %d sectors overflow", i)
+			return corrupt(p.img.File, "chunk %d sectors overflow", i)
 		}
 		p.img.chunks = append(p.img.chunks, c)
 	}
 	return nil
 }
 
-func (img *Image) Size() int64      { return img.size }
-func (img *Image) Format() string   { return "dmg" }
-func (img *Image) Filename() string { return img.f.Name() }
+func (img *Image) Format() string { return "dmg" }
 
 // find returns the index of the chunk holding guest sector s, or -1.
 func (img *Image) find(s uint64) int {
@@ -344,7 +341,7 @@ func (img *Image) load(i int) ([]byte, error) {
 	}
 	c := img.chunks[i]
 	stored := make([]byte, c.length)
-	if _, err := img.f.ReadAt(stored, int64(c.offset)); err != nil {
+	if _, err := img.File.ReadAt(stored, int64(c.offset)); err != nil {
 		return nil, err
 	}
 	n := int(c.sectors * sectorSize)
@@ -367,10 +364,10 @@ func (img *Image) load(i int) ([]byte, error) {
 		err = readExactly(bzip2.NewReader(bytes.NewReader(stored)), out)
 	default:
 		return nil, fmt.Errorf("%s: dmg: chunk %d at sector %d has type %#x (%s), which imgfs cannot decompress: %w",
-			img.f.Name(), i, c.sector, c.typ, typeName(c.typ), formats.ErrUnsupported)
+			img.File.Name(), i, c.sector, c.typ, typeName(c.typ), formats.ErrUnsupported)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("%s: dmg: chunk %d at sector %d: %v: %w", img.f.Name(), i, c.sector, err, errIO)
+		return nil, fmt.Errorf("%s: dmg: chunk %d at sector %d: %v: %w", img.File.Name(), i, c.sector, err, errIO)
 	}
 	img.cached = i
 	return out, nil
@@ -404,10 +401,10 @@ func readExactly(r io.Reader, out []byte) error {
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	img.mu.Lock()
 	defer img.mu.Unlock()
-	return formats.ReadBlocks(img.f.Name(), p, off, img.size, 0, func(q []byte, pos int64) (int, error) {
+	return formats.ReadBlocks(img.File.Name(), p, off, img.VirtualSize, 0, func(q []byte, pos int64) (int, error) {
 		i := img.find(uint64(pos / sectorSize))
 		if i < 0 {
-			return 0, fmt.Errorf("%s: dmg: no chunk holds sector %d: %w", img.f.Name(), pos/sectorSize, errIO)
+			return 0, fmt.Errorf("%s: dmg: no chunk holds sector %d: %w", img.File.Name(), pos/sectorSize, errIO)
 		}
 		c := img.chunks[i]
 		rel := pos - int64(c.sector)*sectorSize
@@ -423,23 +420,3 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 		return copy(q, data[rel:]), nil
 	})
 }
-
-// WriteAt refuses: dmg is read-only.
-func (img *Image) WriteAt(p []byte, off int64) (int, error) { return 0, formats.ErrReadOnly }
-
-// BlockStatus: QEMU's dmg driver has no block status, so the block
-// layer reports every byte as data without a host offset.
-func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
-	if off < 0 || length < 0 {
-		return formats.Extent{}, fmt.Errorf("%s: block status of %d bytes at offset %d: %w", img.f.Name(), length, off, errIO)
-	}
-	return formats.Extent{Length: min(length, max(img.size-off, 0)), Status: formats.StatusData}, nil
-}
-
-// Describe adds nothing: QEMU's dmg driver has no bdrv_get_info.
-func (img *Image) Describe() (*formats.Description, error) {
-	return &formats.Description{}, nil
-}
-
-func (img *Image) Flush() error { return nil }
-func (img *Image) Close() error { return img.f.Close() }
