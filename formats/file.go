@@ -23,6 +23,8 @@ type File struct {
 	// of them sharing a block cannot lose each other's bytes.
 	direct bool
 	rmw    sync.Mutex
+	// locked is set by LockFile so Close drops the lock bytes itself.
+	locked bool
 }
 
 // directAlign is the alignment O_DIRECT I/O is done with: the largest
@@ -203,7 +205,18 @@ func (f *File) CopyRangeTo(dst *File, off, dstOff, n int64) error {
 }
 
 // Close closes the file.
-func (f *File) Close() error { return f.f.Close() }
+//
+// The lock bytes are released explicitly before the close: the kernel
+// drops OFD locks only when the last reference to the open file
+// description goes, and a child forked by another goroutine holds one
+// until it execs, which would leave the image locked for a moment after
+// we are done with it.
+func (f *File) Close() error {
+	if f.locked {
+		unlockAll(f.Fd())
+	}
+	return f.f.Close()
+}
 
 // Allocate reserves space for [off, off+length) without changing the
 // file size beyond off+length (fallocate mode 0).

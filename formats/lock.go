@@ -175,6 +175,7 @@ type ImageLock struct {
 // The locks last until Release, or until f is closed.
 func LockFile(f *File, p Perms) (*ImageLock, error) {
 	l := &ImageLock{f: f, held: Perms{Share: PermAll}}
+	f.locked = true
 	if err := l.Update(p); err != nil {
 		return nil, err
 	}
@@ -241,6 +242,12 @@ func setLockByte(fd uintptr, off int64, want, have bool) error {
 		return fmt.Errorf("Failed to unlock byte %d: %w", off, ErrnoError{err})
 	}
 	return nil
+}
+
+// unlockAll drops every lock byte the open file description holds.
+func unlockAll(fd uintptr) {
+	lk := unix.Flock_t{Type: unix.F_UNLCK, Start: lockPermBase, Len: lockSharedBase + int64(len(permNames)) - lockPermBase}
+	unix.FcntlFlock(fd, unix.F_OFD_SETLK, &lk)
 }
 
 // check tests, as raw_check_lock_bytes does, first that nobody else
