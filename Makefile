@@ -15,7 +15,7 @@ FUZZTIME ?= 5s
 SAMPLE := testdata/sample
 DEMO := bin/demo
 
-.PHONY: test deps fmt vet unit fuzz build demo clean
+.PHONY: test deps fmt vet unit fuzz build demo clean bench
 # The checks of `test` run in order even under make -j.
 .NOTPARALLEL:
 
@@ -57,6 +57,12 @@ demo: build
 	bin/imgfs check $(DEMO)/disk-compressed.qcow2
 	bin/imgfs compare $(SAMPLE)/disk.qcow2 $(DEMO)/disk-compressed.qcow2
 	scripts/demo-mount.sh bin/imgfs $(SAMPLE) $(DEMO)
+
+# imgfs beside qemu-img and qemu-storage-daemon on a 4 GiB workload, as
+# root; BENCHFLAGS passes flags (e.g. BENCHFLAGS='-size 512M -runs 1'),
+# which tests/bench's doc comment describes.
+bench:
+	go run ./tests/bench $(BENCHFLAGS)
 
 clean:
 	rm -rf bin

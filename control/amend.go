@@ -15,6 +15,9 @@ type AmendOptions struct {
 	Options string
 	// Force is --force.
 	Force bool
+	// Secrets holds the data of --object secret definitions by id, for
+	// the LUKS keyslot options that name them.
+	Secrets map[string][]byte
 	// Progress, when not nil, follows the driver's work.
 	Progress Progress
 }
@@ -49,6 +52,7 @@ func Amend(o AmendOptions) error {
 		return errNoAmend(format)
 	}
 	opts := formats.NewOptions(d.AmendOptions)
+	opts.Secrets = o.Secrets
 	if err := opts.Parse(o.Options); err != nil {
 		// QEMU tries the list again against the creation options (its
 		// table then also holds the amend options, as observed with

@@ -2,12 +2,10 @@ package control
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
-	"time"
 
 	"github.com/imgfs/imgfs/formats"
 )
@@ -66,11 +64,11 @@ func Commit(ctx context.Context, o CommitOptions) (err error) {
 		bi = findBackingImage(chain, o.Base)
 		if bi < 0 {
 			o.Top.Close()
-			return fmt.Errorf("Did not find '%s' in the backing chain of '%s'", o.Base, o.Filename)
+			return formats.Errorf(ErrInvalidArgument, "Did not find '%s' in the backing chain of '%s'", o.Base, o.Filename)
 		}
 	} else if len(chain) < 2 {
 		o.Top.Close()
-		return errors.New("Image does not have a backing file")
+		return formats.Errorf(ErrInvalidArgument, "Image does not have a backing file")
 	}
 	type layerRef struct{ name, format string }
 	refs := make([]layerRef, bi+1)
@@ -361,36 +359,4 @@ func (c *committer) fail(err error) {
 		c.err = err
 	}
 	c.mu.Unlock()
-}
-
-// rateLimiter spaces out work so that it averages at most a given
-// number of bytes per second (qemu's -r). Safe for concurrent use; a
-// nil limiter does not limit.
-type rateLimiter struct {
-	perSec int64
-	start  time.Time
-
-	mu   sync.Mutex // guards sent
-	sent int64
-}
-
-func newRateLimiter(perSec int64) *rateLimiter {
-	if perSec <= 0 {
-		return nil
-	}
-	return &rateLimiter{perSec: perSec, start: time.Now()}
-}
-
-// wait sleeps until n more bytes fit the rate.
-func (r *rateLimiter) wait(n int64) {
-	if r == nil {
-		return
-	}
-	r.mu.Lock()
-	r.sent += n
-	due := r.start.Add(time.Duration(float64(r.sent) / float64(r.perSec) * float64(time.Second)))
-	r.mu.Unlock()
-	if d := time.Until(due); d > 0 {
-		time.Sleep(d)
-	}
 }

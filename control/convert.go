@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/imgfs/imgfs/formats"
 )
@@ -75,9 +74,9 @@ type ConvertOptions struct {
 	Secrets map[string][]byte
 	// SkipCreate is -n: the target exists and OpenTarget opens it.
 	SkipCreate bool
-	// OpenTarget opens the target once it exists; direct asks for
-	// O_DIRECT. nil opens Target with TargetFormat.
-	OpenTarget func(direct bool) (formats.Image, error)
+	// OpenTarget opens the target once it exists, in the target's cache
+	// mode. nil opens Target with TargetFormat.
+	OpenTarget func(cache CacheMode) (formats.Image, error)
 	// BackingFile and BackingFormat are -B and -F: the target gets a
 	// backing file, and only what the top source image allocates is
 	// copied.
@@ -194,9 +193,8 @@ type converter struct {
 	wrOff       int64
 	cond        *sync.Cond
 	err         error
-	done, alloc int64 // progress, in bytes
-	written     int64 // for the rate limit
-	started     time.Time
+	done, alloc int64        // progress, in bytes
+	limit       *rateLimiter // -r
 }
 
 func newConverter(o *ConvertOptions) (*converter, error) {
@@ -221,10 +219,10 @@ func newConverter(o *ConvertOptions) (*converter, error) {
 	c.format = format
 	if !o.SkipCreate {
 		if c.driver = formats.Lookup(format); c.driver == nil {
-			return nil, fmt.Errorf("Unknown file format '%s'", format)
+			return nil, formats.Errorf(ErrInvalidArgument, "Unknown file format '%s'", format)
 		}
 		if c.driver.Create == nil || c.driver.ReadOnly {
-			return nil, fmt.Errorf("Format driver '%s' does not support image creation", format)
+			return nil, formats.Errorf(formats.ErrUnsupported, "Format driver '%s' does not support image creation", format)
 		}
 		c.create = formats.NewOptions(c.driver.CreateSpecs())
 		c.create.Secrets = o.Secrets
@@ -249,18 +247,18 @@ func newConverter(o *ConvertOptions) (*converter, error) {
 		// qemu-img 7.2 reports this but forgets to fail.
 		return nil, &ExitZeroError{errors.New("Cannot use --target-is-zero when the destination image has a backing file")}
 	case len(o.Sources) > 1 && c.targetHasBacking:
-		return nil, errors.New("Having a backing file for the target makes no sense when concatenating multiple input images")
+		return nil, formats.Errorf(ErrInvalidArgument, "Having a backing file for the target makes no sense when concatenating multiple input images")
 	case backingOpt && !c.create.Has("backing_fmt"):
-		return nil, errors.New("Use of backing file requires explicit backing format")
+		return nil, formats.Errorf(ErrInvalidArgument, "Use of backing file requires explicit backing format")
 	}
 	if o.Compressed {
 		switch {
 		case c.driver != nil && !c.driver.CanCompress:
-			return nil, errors.New("Compression not supported for this file format")
+			return nil, formats.Errorf(formats.ErrUnsupported, "Compression not supported for this file format")
 		case c.create != nil && (c.create.Bool("encryption") || c.create.String("encrypt.format") != ""):
-			return nil, errors.New("Compression and encryption not supported at the same time")
+			return nil, formats.Errorf(formats.ErrUnsupported, "Compression and encryption not supported at the same time")
 		case c.create != nil && c.create.String("preallocation") != "" && c.create.String("preallocation") != "off":
-			return nil, errors.New("Compression and preallocation not supported at the same time")
+			return nil, formats.Errorf(formats.ErrUnsupported, "Compression and preallocation not supported at the same time")
 		}
 	}
 	return c, nil
@@ -282,12 +280,12 @@ func (c *converter) openTarget() (formats.Image, error) {
 	}
 	var ok bool
 	if c.cache, ok = ParseCacheMode(mode); !ok {
-		return nil, fmt.Errorf("Invalid cache option: %s", mode)
+		return nil, formats.Errorf(ErrInvalidArgument, "Invalid cache option: %s", mode)
 	}
 	if o.OpenTarget != nil {
-		return o.OpenTarget(c.cache.Direct)
+		return o.OpenTarget(c.cache)
 	}
-	img, err := formats.Open(o.Target, formats.OpenOptions{Format: c.format, Direct: c.cache.Direct})
+	img, err := formats.Open(o.Target, formats.OpenOptions{Format: c.format, Direct: c.cache.Direct, NoFlush: c.cache.NoFlush})
 	if err != nil {
 		return nil, fmt.Errorf("Could not open '%s': %w", o.Target, err)
 	}
@@ -364,7 +362,7 @@ func (c *converter) run(ctx context.Context) error {
 	}
 	stop := context.AfterFunc(ctx, func() { c.fail(ctx.Err()) })
 	defer stop()
-	c.started = time.Now()
+	c.limit = newRateLimiter(c.o.RateLimit)
 	var wg sync.WaitGroup
 	for range workers {
 		wg.Add(1)
@@ -406,7 +404,10 @@ func (c *converter) worker() {
 	buf := make([]byte, c.bufSize)
 	var cbuf []byte
 	if c.compressor != nil {
-		cbuf = make([]byte, c.cluster)
+		// Room for what incompressible data grows by (stored deflate
+		// blocks) and a format's framing, so that Compress need not
+		// allocate.
+		cbuf = make([]byte, c.cluster+c.cluster/16+64)
 	}
 	var ops []op
 	for {
@@ -696,13 +697,13 @@ func (c *converter) write(w op, scratch []byte) error {
 		if c.hasZeroInit {
 			return nil
 		}
-		c.throttle(w.n)
+		c.limit.wait(w.n)
 		err = writeZeroes(c.target, w.off, w.n)
 	case w.compressed:
-		c.throttle(int64(len(w.data)))
+		c.limit.wait(int64(len(w.data)))
 		err = c.compressor.WriteCompressed(w.off, w.data)
 	case w.offload:
-		c.throttle(w.n)
+		c.limit.wait(w.n)
 		if c.copyRange(w.off, w.n) != nil {
 			// The kernel could not (another filesystem, a short file):
 			// copy through memory, as QEMU falls back from copy_range.
@@ -711,7 +712,7 @@ func (c *converter) write(w op, scratch []byte) error {
 			}
 		}
 	default:
-		c.throttle(int64(len(w.data)))
+		c.limit.wait(int64(len(w.data)))
 		_, err = c.target.WriteAt(w.data, w.off)
 	}
 	if err == nil && c.cache.WriteThrough {
@@ -782,20 +783,6 @@ func (c *converter) copyRange(off, n int64) error {
 		off, n = off+k, n-k
 	}
 	return nil
-}
-
-// throttle sleeps as long as writing n more bytes would exceed -r.
-func (c *converter) throttle(n int64) {
-	if c.o.RateLimit <= 0 {
-		return
-	}
-	c.mu.Lock()
-	c.written += n
-	due := c.started.Add(time.Duration(float64(c.written) / float64(c.o.RateLimit) * float64(time.Second)))
-	c.mu.Unlock()
-	if d := time.Until(due); d > 0 {
-		time.Sleep(d)
-	}
 }
 
 // allocatedSectors reports whether the first sector of buf (n sectors)

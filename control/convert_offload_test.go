@@ -41,7 +41,7 @@ func TestConvertCopyOffload(t *testing.T) {
 		err := Convert(context.Background(), ConvertOptions{
 			Sources: []formats.Image{in}, Target: dst, TargetFormat: "raw", SkipCreate: true,
 			SparseSize: DefaultSparseSize, Workers: 2, CopyWhole: copyWhole,
-			OpenTarget: func(bool) (formats.Image, error) {
+			OpenTarget: func(CacheMode) (formats.Image, error) {
 				img, err := formats.Open(dst, formats.OpenOptions{Format: "raw"})
 				return noWrites{img}, err
 			},
@@ -88,7 +88,7 @@ func TestConvertZeroesBetweenData(t *testing.T) {
 	err = Convert(context.Background(), ConvertOptions{
 		Sources: []formats.Image{in}, Target: dst, TargetFormat: "raw", SkipCreate: true,
 		SparseSize: DefaultSparseSize, Workers: 1,
-		OpenTarget: func(bool) (formats.Image, error) {
+		OpenTarget: func(CacheMode) (formats.Image, error) {
 			img, err := formats.Open(dst, formats.OpenOptions{Format: "raw"})
 			return plainTarget{img}, err
 		},

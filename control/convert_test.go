@@ -279,7 +279,7 @@ func TestConvertExistingTarget(t *testing.T) {
 		dst.log = nil
 		o := ConvertOptions{
 			Sources: []formats.Image{src}, Target: "dst", SkipCreate: true, TargetIsZero: isZero,
-			OpenTarget: func(bool) (formats.Image, error) { return dst, nil }, SparseSize: DefaultSparseSize,
+			OpenTarget: func(CacheMode) (formats.Image, error) { return dst, nil }, SparseSize: DefaultSparseSize,
 		}
 		if err := Convert(context.Background(), o); err != nil {
 			t.Fatal(err)
@@ -312,7 +312,7 @@ func TestConvertTargetTooSmall(t *testing.T) {
 	dst := newMemImage("dst", 4096)
 	o := ConvertOptions{
 		Sources: []formats.Image{sampleSource("src")}, Target: "dst", SkipCreate: true,
-		OpenTarget: func(bool) (formats.Image, error) { return dst, nil },
+		OpenTarget: func(CacheMode) (formats.Image, error) { return dst, nil },
 	}
 	if err := Convert(context.Background(), o); err == nil || err.Error() != "output file is smaller than input file" {
 		t.Fatalf("got %v", err)
@@ -395,7 +395,7 @@ func TestConvertEmptyHugeImageIsFast(t *testing.T) {
 		var progress int
 		o := ConvertOptions{
 			Sources: []formats.Image{src}, Target: "dst", SkipCreate: true, SparseSize: sparse,
-			OpenTarget: func(bool) (formats.Image, error) { return dst, nil },
+			OpenTarget: func(CacheMode) (formats.Image, error) { return dst, nil },
 			Progress:   func(done, total int64) { progress++ },
 		}
 		if sparse == 0 {

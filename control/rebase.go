@@ -57,10 +57,10 @@ func (e *RebaseChangeError) Unwrap() error { return e.Err }
 func Rebase(ctx context.Context, o RebaseOptions) error {
 	img := o.Image
 	if _, ok := img.(formats.CompressedWriter); o.Compress && !ok {
-		return errors.New("Compression not supported for this file format")
+		return formats.Errorf(formats.ErrUnsupported, "Compression not supported for this file format")
 	}
 	if o.BackingFormat != "" && formats.Lookup(o.BackingFormat) == nil {
-		return fmt.Errorf("Invalid format name: '%s'", o.BackingFormat)
+		return formats.Errorf(ErrInvalidArgument, "Invalid format name: '%s'", o.BackingFormat)
 	}
 	if !o.Unsafe {
 		if err := rebaseData(ctx, &o); err != nil {
@@ -72,7 +72,7 @@ func Rebase(ctx context.Context, o RebaseOptions) error {
 		if !o.BackingGiven {
 			name = "(null)" // glibc's printf of the NULL qemu-img passes
 		}
-		return &RebaseChangeError{fmt.Errorf("Could not change the backing file to '%s': %s", name, err)}
+		return &RebaseChangeError{fmt.Errorf("Could not change the backing file to '%s': %w", name, err)}
 	}
 	return nil
 }
@@ -84,7 +84,7 @@ func changeBacking(img formats.Image, name, format string) error {
 	if name == "" {
 		format = ""
 	} else if format == "" {
-		return errors.New("backing format must be specified")
+		return formats.Errorf(ErrInvalidArgument, "backing format must be specified")
 	}
 	bc, ok := img.(formats.BackingChanger)
 	if !ok {
@@ -96,7 +96,7 @@ func changeBacking(img formats.Image, name, format string) error {
 	case err == nil:
 		return nil
 	case errors.Is(err, syscall.ENOSPC):
-		return errors.New("No space left in the file header")
+		return formats.Errorf(syscall.ENOSPC, "No space left in the file header")
 	case errors.As(err, &errno):
 		return formats.ErrnoError{Err: errno}
 	}

@@ -2,7 +2,6 @@ package control
 
 import (
 	"errors"
-	"fmt"
 
 	"github.com/imgfs/imgfs/formats"
 )
@@ -88,13 +87,13 @@ func Resize(o ResizeOptions) error {
 	}
 	switch {
 	case total <= 0:
-		return errors.New("New image size must be positive")
+		return formats.Errorf(ErrInvalidArgument, "New image size must be positive")
 	case total <= cur && prealloc != "off":
-		return errors.New("Preallocation can only be used for growing images")
+		return formats.Errorf(ErrInvalidArgument, "Preallocation can only be used for growing images")
 	case total < cur && !o.Shrink:
 		return ErrShrinkRefused
 	case total > MaxImageLength:
-		return fmt.Errorf("offset(%d) exceeds maximum(%d)", total, int64(MaxImageLength))
+		return formats.Errorf(ErrInvalidArgument, "offset(%d) exceeds maximum(%d)", total, int64(MaxImageLength))
 	}
 	return r.Resize(total, prealloc, o.Shrink)
 }

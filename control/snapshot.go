@@ -53,7 +53,7 @@ func (r *SnapshotResult) Human() string {
 
 // errNoSnapshotSupport is bdrv_snapshot_goto's message for drivers
 // without snapshots.
-var errNoSnapshotSupport = errors.New("Block driver does not support snapshots")
+var errNoSnapshotSupport = formats.Errorf(formats.ErrUnsupported, "Block driver does not support snapshots")
 
 // Snapshot lists, applies, creates or deletes an internal snapshot with
 // qemu-img 7.2's messages ("Could not apply snapshot 'x': ...").
@@ -77,17 +77,18 @@ func Snapshot(o SnapshotOptions) (*SnapshotResult, error) {
 		}
 		if err != nil {
 			errno := errnoOf(err)
-			return nil, fmt.Errorf("Could not create snapshot '%s': %d (%s)", o.Name, -int(errno), formats.ErrnoError{Err: errno})
+			return nil, formats.Errorf(errno, "Could not create snapshot '%s': %d (%s)", o.Name, -int(errno), formats.ErrnoError{Err: errno})
 		}
 	case SnapshotApply:
 		err := errNoSnapshotSupport
 		if sn != nil {
 			if err = sn.ApplySnapshot(o.Name); err != nil {
-				err = fmt.Errorf("Failed to load snapshot: %s", formats.ErrnoError{Err: errnoOf(err)})
+				errno := errnoOf(err)
+				err = formats.Errorf(errno, "Failed to load snapshot: %s", formats.ErrnoError{Err: errno})
 			}
 		}
 		if err != nil {
-			return nil, fmt.Errorf("Could not apply snapshot '%s': %v", o.Name, err)
+			return nil, fmt.Errorf("Could not apply snapshot '%s': %w", o.Name, err)
 		}
 	case SnapshotDelete:
 		// bdrv_snapshot_find looks the name up, then the snapshot with
@@ -98,10 +99,10 @@ func Snapshot(o SnapshotOptions) (*SnapshotResult, error) {
 		}
 		i := findSnapshotByName(list, o.Name)
 		if i < 0 {
-			return nil, fmt.Errorf("Could not delete snapshot '%s': snapshot not found", o.Name)
+			return nil, formats.Errorf(formats.ErrSnapshotNotFound, "Could not delete snapshot '%s': snapshot not found", o.Name)
 		}
 		if err := sn.DeleteSnapshot(list[i].ID, list[i].Name); err != nil {
-			return nil, fmt.Errorf("Could not delete snapshot '%s': %v", o.Name, err)
+			return nil, fmt.Errorf("Could not delete snapshot '%s': %w", o.Name, err)
 		}
 	}
 	return &SnapshotResult{}, nil

@@ -25,6 +25,8 @@ type File struct {
 	rmw    sync.Mutex
 	// locked is set by LockFile so Close drops the lock bytes itself.
 	locked bool
+	// noFlush: Sync does nothing (cache=unsafe).
+	noFlush bool
 }
 
 // directAlign is the alignment O_DIRECT I/O is done with: the largest
@@ -181,8 +183,16 @@ func (f *File) AllocatedSize() (int64, error) {
 // Truncate sets the file length.
 func (f *File) Truncate(size int64) error { return f.f.Truncate(size) }
 
+// SetNoFlush makes Sync do nothing from now on (cache=unsafe).
+func (f *File) SetNoFlush() { f.noFlush = true }
+
 // Sync makes written data durable.
-func (f *File) Sync() error { return unix.Fdatasync(int(f.f.Fd())) }
+func (f *File) Sync() error {
+	if f.noFlush {
+		return nil
+	}
+	return unix.Fdatasync(int(f.f.Fd()))
+}
 
 // CopyRangeTo copies n bytes at off to dst at dstOff inside the kernel
 // (copy_file_range). It fails when the kernel cannot, e.g. across

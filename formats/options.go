@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -39,6 +40,13 @@ type OptionSpec struct {
 	// Default is printed by create's "Formatting" line when the option is
 	// not given; "" means the option is left out.
 	Default string
+	// Values, for a runtime option that is a QAPI enum, are the values
+	// it takes (see CheckRuntime).
+	Values []string
+	// Strong marks a runtime option that changes what the image is
+	// (QEMU's strong_runtime_opts, e.g. raw's offset): an image opened
+	// with it is called by a json: description, not its file name.
+	Strong bool
 }
 
 // ProtocolOptions are the file protocol's creation options, which QEMU
@@ -61,6 +69,62 @@ func (d *Driver) CreateSpecs() []OptionSpec {
 		}
 	}
 	return out
+}
+
+// FileRuntimeOptions are the file protocol's runtime options
+// (file-posix's runtime_opts besides the filename), which --image-opts
+// gives as file.NAME. imgfs honours locking=off (OpenOptions.NoLock);
+// the others tune QEMU's I/O paths and are only checked.
+var FileRuntimeOptions = []OptionSpec{
+	{Name: "aio", Type: OptString, Help: "host AIO implementation (threads, native, io_uring)",
+		Values: []string{"threads", "native", "io_uring"}},
+	{Name: "aio-max-batch", Type: OptNumber, Help: "AIO max batch size (0 = auto handled by AIO backend, default: 0)"},
+	{Name: "locking", Type: OptString, Help: "file locking mode (on/off/auto, default: auto)",
+		Values: []string{"off", "on", "auto"}},
+	{Name: "pr-manager", Type: OptString, Help: "id of persistent reservation manager object (default: none)"},
+	{Name: "drop-cache", Type: OptBool, Help: "invalidate page cache during live migration (default: on)"},
+	{Name: "x-check-cache-dropped", Type: OptBool, Help: "check that page cache was dropped on live migration (default: off)"},
+}
+
+// CheckRuntime checks runtime option values (name to value) against
+// specs as QEMU's drivers do when they open an image: first every
+// value's type, as qemu_opts_absorb_qdict does, then the enums in table
+// order, as the drivers' qapi_enum_parse calls do. An option specs do
+// not list is refused with "Invalid parameter"; callers that know the
+// driver's name check for those first, with QEMU's wording.
+func CheckRuntime(specs []OptionSpec, values map[string]string) (*Options, error) {
+	o := NewOptions(specs)
+	for _, name := range sortedKeys(values) {
+		if err := o.Set(name, values[name]); err != nil {
+			return nil, err
+		}
+	}
+	for _, s := range specs {
+		if v, ok := o.values[s.Name]; ok && s.Values != nil && !slices.Contains(s.Values, v) {
+			return nil, fmt.Errorf("invalid parameter value: %s", v)
+		}
+	}
+	return o, nil
+}
+
+// UnknownOption returns the first name in values (in sorted order) that
+// specs do not list, or "".
+func UnknownOption(specs []OptionSpec, values map[string]string) string {
+	for _, name := range sortedKeys(values) {
+		if findSpec(specs, name) == nil {
+			return name
+		}
+	}
+	return ""
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
 }
 
 func findSpec(specs []OptionSpec, name string) *OptionSpec {
@@ -175,28 +239,29 @@ func ValidOptionList(list string) bool {
 	return trailing%2 == 0
 }
 
-// Set validates value against the option's type and stores it.
+// Set validates value against the option's type and stores it. Its
+// errors are QEMU's messages tagged ErrInvalidOption.
 func (o *Options) Set(name, value string) error {
 	spec := findSpec(o.Specs, name)
 	if spec == nil {
-		return fmt.Errorf("Invalid parameter '%s'", name)
+		return Errorf(ErrInvalidOption, "Invalid parameter '%s'", name)
 	}
 	switch spec.Type {
 	case OptBool:
 		if _, err := ParseBool(value); err != nil {
-			return fmt.Errorf("Parameter '%s' expects 'on' or 'off'", name)
+			return Errorf(ErrInvalidOption, "Parameter '%s' expects 'on' or 'off'", name)
 		}
 	case OptNumber:
 		if _, err := parseNumber(value); errors.Is(err, ErrSizeRange) {
-			return fmt.Errorf("Value '%s' is too large for parameter '%s'", value, name)
+			return Errorf(ErrInvalidOption, "Value '%s' is too large for parameter '%s'", value, name)
 		} else if err != nil {
-			return fmt.Errorf("Parameter '%s' expects a number", name)
+			return Errorf(ErrInvalidOption, "Parameter '%s' expects a number", name)
 		}
 	case OptSize:
 		if _, err := ParseSize(value); errors.Is(err, ErrSizeRange) {
-			return fmt.Errorf("Value '%s' is out of range for parameter '%s'", value, name)
+			return Errorf(ErrInvalidOption, "Value '%s' is out of range for parameter '%s'", value, name)
 		} else if err != nil {
-			return fmt.Errorf("Parameter '%s' expects a non-negative number below 2^64\n"+
+			return Errorf(ErrInvalidOption, "Parameter '%s' expects a non-negative number below 2^64\n"+
 				"Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"+
 				"and exabytes, respectively.", name)
 		}

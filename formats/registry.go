@@ -32,6 +32,12 @@ type Driver struct {
 	// order; nil when the driver's images cannot be amended (they then
 	// do not implement Amender).
 	AmendOptions []OptionSpec
+	// RuntimeOptions are the options the driver takes when it opens an
+	// image (QEMU's runtime_opts, given with --image-opts, e.g. raw's
+	// offset and size), in the order the driver checks them. Open
+	// refuses options the list lacks and values of the wrong type; the
+	// driver reads them with OpenOptions.RuntimeValues.
+	RuntimeOptions []OptionSpec
 	// ReadOnly drivers (dmg, bochs, cloop) refuse writes and creation.
 	ReadOnly bool
 	// CanCompress: the driver's images implement CompressedWriter.
@@ -149,6 +155,11 @@ type OpenOptions struct {
 	Resize bool
 	// Direct opens host files with O_DIRECT.
 	Direct bool
+	// NoFlush makes flushes of the host files do nothing, as QEMU's
+	// cache=unsafe does (convert's default for its target): metadata
+	// updates lose their ordering on disk, which matters only if the
+	// machine crashes before the image is closed.
+	NoFlush bool
 	// Check opens the image for `qemu-img check` (QEMU's BDRV_O_CHECK):
 	// a writable image left dirty is not repaired on open, the check
 	// reports and repairs it.
@@ -164,6 +175,13 @@ type OpenOptions struct {
 	// Probed is set by Open when the format was guessed; drivers use it
 	// (raw refuses writes that would change the probe result).
 	Probed bool
+	// Runtime holds the format driver's runtime options by name, as the
+	// user gave them (--image-opts driver=raw,offset=1M). They apply to
+	// the image itself, not to its backing chain.
+	Runtime map[string]string
+	// NoLock opens the image's host file without QEMU's image locks
+	// (the file protocol's locking=off).
+	NoLock bool
 
 	// depth counts backing levels while opening a chain; seen holds the
 	// canonical paths already in the chain, to refuse loops.
@@ -192,7 +210,7 @@ func Open(filename string, o OpenOptions) (Image, error) {
 	if o.depth > MaxChainDepth {
 		return nil, fmt.Errorf("backing chain deeper than %d images: %w", MaxChainDepth, ErrCorrupt)
 	}
-	f, err := OpenFile(filename, o.ReadOnly, o.Direct)
+	f, err := o.OpenFile(filename, o.ReadOnly)
 	if err != nil {
 		return nil, err
 	}
@@ -211,15 +229,58 @@ func Open(filename string, o OpenOptions) (Image, error) {
 		f.Close()
 		return nil, fmt.Errorf("Driver '%s' can only be used for read-only devices", d.Name)
 	}
-	// The locks live as long as f: QEMU's protocol uses OFD locks, which
-	// the kernel drops when the driver closes the file.
-	access := Access{NoIO: o.NoIO, Write: !o.ReadOnly, Resize: o.Resize,
-		Metadata: d.Name != "raw", ForceShare: o.ForceShare}
-	if _, err := LockFile(f, access.Perms()); err != nil {
+	// The driver checks the types of its runtime options before it
+	// reads the image (qemu_opts_absorb_qdict comes first in QEMU's
+	// drivers), so bad values are reported before damaged headers.
+	if _, err := o.RuntimeValues(d.RuntimeOptions); err != nil {
 		f.Close()
 		return nil, err
 	}
-	return d.Open(f, &o)
+	if !o.NoLock {
+		// The locks live as long as f: QEMU's protocol uses OFD locks,
+		// which the kernel drops when the driver closes the file.
+		access := Access{NoIO: o.NoIO, Write: !o.ReadOnly, Resize: o.Resize,
+			Metadata: d.Name != "raw", ForceShare: o.ForceShare}
+		if _, err := LockFile(f, access.Perms()); err != nil {
+			f.Close()
+			return nil, err
+		}
+	}
+	img, err := d.Open(f, &o)
+	if err != nil {
+		return nil, err
+	}
+	// QEMU refuses the options no layer consumed after the image opened
+	// (bdrv_open_inherit), so a broken image reports its damage first.
+	if name := UnknownOption(d.RuntimeOptions, o.Runtime); name != "" {
+		img.Close()
+		return nil, fmt.Errorf("Block format '%s' does not support the option '%s'", d.Name, name)
+	}
+	return img, nil
+}
+
+// RuntimeValues returns the runtime options of o that specs (the
+// opening driver's RuntimeOptions) list, checked against them; options
+// not given read as the specs' defaults. Options specs do not list are
+// left to Open, which refuses them once the image is open.
+func (o *OpenOptions) RuntimeValues(specs []OptionSpec) (*Options, error) {
+	known := map[string]string{}
+	for name, v := range o.Runtime {
+		if findSpec(specs, name) != nil {
+			known[name] = v
+		}
+	}
+	return CheckRuntime(specs, known)
+}
+
+// OpenFile opens a host file of the image (the image file, a data file,
+// an extent) with the options' cache mode.
+func (o *OpenOptions) OpenFile(name string, readOnly bool) (*File, error) {
+	f, err := OpenFile(name, readOnly, o.Direct)
+	if err == nil && o.NoFlush {
+		f.SetNoFlush()
+	}
+	return f, err
 }
 
 // OpenBacking opens the backing image named name (as stored in the image
@@ -231,6 +292,8 @@ func OpenBacking(parent, name, format string, o *OpenOptions) (Image, error) {
 	bo.Format = format
 	bo.ReadOnly = true
 	bo.Probed = false
+	bo.Runtime = nil
+	bo.NoLock = false
 	bo.depth++
 	img, err := Open(BackingPath(parent, name), bo)
 	if err != nil {

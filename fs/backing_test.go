@@ -27,7 +27,7 @@ func TestBackingTarget(t *testing.T) {
 	mk("-u", "-b", "gone.qcow2", "-F", "qcow2", filepath.Join(dir, "dangling.qcow2"), "1M")
 
 	for _, allow := range []bool{false, true} {
-		s, err := newSource(dir, allow)
+		s, err := newSource(dir, allow, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -36,10 +36,11 @@
 // different fails the read with EIO rather than changing the file.
 //
 // A target is built on the first stat or open and kept while the source
-// file (and what the mount changed in it) stays the same, so every read
-// returns the same bytes; after a change the next stat or open builds it
-// again and the kernel's cached pages are dropped. A change to a backing
-// file alone is not noticed. SEEK_DATA/SEEK_HOLE and st_blocks follow
+// file, every file of its backing chain and what the mount changed in
+// them stay the same, so every read returns the same bytes; after a
+// change by any path (disk, ctl, a commit into a backing image, a write
+// on the host) the next stat or open builds it again and the kernel's
+// cached pages are dropped. SEEK_DATA/SEEK_HOLE and st_blocks follow
 // the source's block status, so cp skips the holes of a sparse target.
 
 package fs
@@ -470,8 +471,9 @@ func qcow2Build(img formats.Image, size int64, scratch string, compress bool) (*
 // packing is how a format stores compressed units one after another.
 type packing struct {
 	format string // the driver whose compressor is used
-	// marker is the bytes ahead of each unit's compressed data: a VMDK
-	// grain marker (the unit's guest sector, the data length).
+	// marker is the room ahead of each unit's compressed data that the
+	// driver's Compress leaves for a VMDK grain marker (the unit's guest
+	// sector, the data length), filled in here.
 	marker int64
 	// align pads each record: VMDK grains start on sector boundaries.
 	align int64
@@ -487,7 +489,7 @@ var (
 
 // record is the length of a unit stored with n compressed bytes.
 func (pk packing) record(n int) int64 {
-	return (pk.marker + int64(n) + pk.align - 1) / pk.align * pk.align
+	return (int64(n) + pk.align - 1) / pk.align * pk.align
 }
 
 // compressedClusters are the data units of a target that are stored
@@ -609,11 +611,11 @@ func (z *compressedClusters) read(img formats.Image, p []byte, rel int64) error 
 				return fmt.Errorf("convert-to: unit %d compressed to %d bytes, not as before: %w", z.guest[k], len(out), syscall.EIO)
 			}
 			rec = make([]byte, z.off[k+1]-z.off[k])
+			copy(rec, out)
 			if z.pk.marker != 0 {
 				binary.LittleEndian.PutUint64(rec, uint64(z.guest[k]*z.unit/512))
-				binary.LittleEndian.PutUint32(rec[8:], uint32(len(out)))
+				binary.LittleEndian.PutUint32(rec[8:], uint32(int64(len(out))-z.pk.marker))
 			}
-			copy(rec[z.pk.marker:], out)
 			z.mu.Lock()
 			z.lastK, z.lastData = k, rec
 			z.mu.Unlock()
@@ -970,9 +972,11 @@ type convertNode struct {
 	dir    *imageDir
 	preset *preset
 
-	mu     sync.Mutex // guards the cache and serialises building
-	valid  bool
-	key    fileKey
+	mu    sync.Mutex // guards the cache and serialises building
+	valid bool
+	// chain is the version of the source's files the layout was built
+	// from, gen the mount's count of changes to it.
+	chain  chainEntry
 	gen    uint64
 	layout *layout
 	// version counts rebuilt layouts; served is the one the last open
@@ -992,11 +996,13 @@ var sourceOptions = formats.OpenOptions{ReadOnly: true, ForceShare: true}
 
 // current returns the layout for the source as it is now.
 func (n *convertNode) current() (*layout, uint64, error) {
-	key, statErr := statFile(n.dir.path)
+	// The whole chain: a backing file changed on the host, or by
+	// another image's commit, changes what the target holds.
+	ce := n.dir.t.src.chain(n.dir.path)
 	gen := n.dir.gen.Load()
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if n.valid && statErr == nil && n.key.same(key) && n.gen == gen {
+	if n.valid && ce.err == nil && n.chain.sameVersion(ce) && n.gen == gen {
 		return n.layout, n.version, nil
 	}
 	var l *layout
@@ -1018,7 +1024,7 @@ func (n *convertNode) current() (*layout, uint64, error) {
 		return nil, 0, err
 	}
 	hadOld := n.valid
-	n.valid, n.key, n.gen, n.layout = true, key, gen, l
+	n.valid, n.chain, n.gen, n.layout = true, ce, gen, l
 	n.version++
 	if hadOld {
 		notifyContent(&n.Inode, 0, 0)
@@ -1069,7 +1075,7 @@ func (n *convertNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, 
 	if ce := n.dir.t.src.chain(n.dir.path); ce.err != nil {
 		return nil, 0, Errno(ce.err)
 	}
-	img, err := openImage(n.dir.path, sourceOptions)
+	img, err := n.dir.t.src.open(n.dir.path, sourceOptions)
 	if err != nil {
 		return nil, 0, Errno(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -22,19 +23,20 @@ import (
 //	option  = "-x" [value] | "--long" [value]   (value as the next field)
 //	fields are separated by blanks; there is no quoting; "--" ends options
 //
-//	commit  [-b BASE] [-d]
+//	commit  [-b BASE] [-d] [-r RATE]
 //	rebase  [-u] [-b BACKING] [-F FMT]          (-b "" is not expressible:
 //	                                             "rebase -u" drops the backing)
 //	resize  [--shrink] [--preallocation MODE] [+|-]SIZE   (SIZE is the last field)
 //	snapshot -c|-a|-d NAME
-//	convert [-c] -O FMT [-o OPTS] OUTPUT        (OUTPUT relative to SOURCE)
+//	convert [-c] -O FMT [-o OPTS] [-r RATE] OUTPUT   (OUTPUT relative to SOURCE)
 //	amend   -o OPTS [--force]
 //	bitmap  (--add|--remove|--clear|--enable|--disable|--merge SRC)... [-g GRAN] NAME
 //	check   -r leaks|all
 //
 // Options take their values as qemu-img does and go into the same
 // control option structs the command line fills, so the mount and the
-// CLI behave alike. The image itself is never named: it is the directory.
+// CLI behave alike; RATE is bytes per second with qemu-img's suffixes.
+// The image itself is never named: it is the directory.
 // A malformed line fails with EINVAL before anything is opened.
 
 // errUsage tags a command line ctl cannot read; it becomes EINVAL.
@@ -77,11 +79,11 @@ func (l *ctlLine) value(name string) (string, bool) {
 
 // ctlCommands are the commands ctl knows and their options.
 var ctlCommands = map[string]ctlFlags{
-	"commit":   {"-b": true, "-d": false},
+	"commit":   {"-b": true, "-d": false, "-r": true},
 	"rebase":   {"-u": false, "-b": true, "-F": true},
 	"resize":   {"--shrink": false, "--preallocation": true},
 	"snapshot": {"-c": true, "-a": true, "-d": true},
-	"convert":  {"-c": false, "-O": true, "-o": true},
+	"convert":  {"-c": false, "-O": true, "-o": true, "-r": true},
 	"amend":    {"-o": true, "--force": false},
 	"bitmap": {"--add": false, "--remove": false, "--clear": false, "--enable": false,
 		"--disable": false, "--merge": true, "-g": true},
@@ -139,6 +141,19 @@ func parseCtl(line string) (*ctlLine, error) {
 		l.opts = append(l.opts, o)
 	}
 	return l, nil
+}
+
+// rateLimit is -r RATE in bytes per second, 0 without it.
+func (l *ctlLine) rateLimit() (int64, error) {
+	v, ok := l.value("-r")
+	if !ok {
+		return 0, nil
+	}
+	n, err := formats.ParseSize(v)
+	if err != nil || n > math.MaxInt64 {
+		return 0, usagef("%s: invalid rate limit '%s'", l.cmd, v)
+	}
+	return int64(n), nil
 }
 
 // wantOperands checks the operand count.
@@ -461,9 +476,13 @@ func (d *imageDir) ctlCommit(ctx context.Context, l *ctlLine, st *opState) error
 		return err
 	}
 	base, hasBase := l.value("-b")
+	rate, err := l.rateLimit()
+	if err != nil {
+		return err
+	}
 	defer d.siblingsChanged()
 	return d.exclusive(func() error {
-		top, err := openImage(d.path, formats.OpenOptions{})
+		top, err := d.t.src.open(d.path, formats.OpenOptions{})
 		if err != nil {
 			return err
 		}
@@ -472,11 +491,12 @@ func (d *imageDir) ctlCommit(ctx context.Context, l *ctlLine, st *opState) error
 			Top:      top,
 			Filename: d.path,
 			ReopenTop: func() (formats.Image, error) {
-				return openImage(d.path, formats.OpenOptions{Format: format, NoBacking: true})
+				return d.t.src.open(d.path, formats.OpenOptions{Format: format, NoBacking: true})
 			},
-			Base:     base,
-			Drop:     l.has("-d") || hasBase,
-			Progress: st.progress(),
+			Base:      base,
+			Drop:      l.has("-d") || hasBase,
+			RateLimit: rate,
+			Progress:  st.progress(),
 		})
 	})
 }
@@ -496,7 +516,7 @@ func (d *imageDir) ctlRebase(ctx context.Context, l *ctlLine, st *opState) error
 	fmtName, _ := l.value("-F")
 	defer d.siblingsChanged()
 	return d.exclusive(func() error {
-		img, err := openImage(d.path, formats.OpenOptions{NoBacking: unsafe})
+		img, err := d.t.src.open(d.path, formats.OpenOptions{NoBacking: unsafe})
 		if err != nil {
 			return err
 		}
@@ -504,7 +524,7 @@ func (d *imageDir) ctlRebase(ctx context.Context, l *ctlLine, st *opState) error
 		return control.Rebase(ctx, control.RebaseOptions{
 			Image: img, Backing: backing, BackingGiven: hasBacking, BackingFormat: fmtName, Unsafe: unsafe,
 			OpenBacking: func(path, format string) (formats.Image, error) {
-				return openImage(path, formats.OpenOptions{Format: format, ReadOnly: true})
+				return d.t.src.open(path, formats.OpenOptions{Format: format, ReadOnly: true})
 			},
 			Progress: func(_, pieces int64) {
 				if pieces > 0 {
@@ -537,11 +557,15 @@ func (d *imageDir) ctlConvert(ctx context.Context, l *ctlLine, st *opState) erro
 		return errOpen
 	}
 	opts, _ := l.value("-o")
+	rate, err := l.rateLimit()
+	if err != nil {
+		return err
+	}
 	return d.use(formats.OpenOptions{ReadOnly: true, ForceShare: true}, func(img formats.Image) error {
 		return control.Convert(ctx, control.ConvertOptions{
 			Sources: []formats.Image{img}, Target: target, TargetFormat: outFmt, Options: opts,
 			Compressed: l.has("-c"), SparseSize: control.DefaultSparseSize, Workers: control.DefaultWorkers,
-			Progress: st.progress(),
+			RateLimit: rate, Progress: st.progress(),
 		})
 	})
 }

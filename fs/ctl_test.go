@@ -60,6 +60,29 @@ func TestParseCtl(t *testing.T) {
 	}
 }
 
+func TestRateLimit(t *testing.T) {
+	for _, tt := range []struct {
+		line string
+		want int64
+		ok   bool
+	}{
+		{"commit", 0, true},
+		{"commit -r 1M", 1 << 20, true},
+		{"convert -r 512k -O raw x", 512 << 10, true},
+		{"commit -r fast", 0, false},
+		{"commit -r -1", 0, false},
+	} {
+		l, err := parseCtl(tt.line)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := l.rateLimit()
+		if (err == nil) != tt.ok || got != tt.want || (err != nil && !errors.Is(err, errUsage)) {
+			t.Errorf("%q: rateLimit() = %d, %v; want %d, ok=%v", tt.line, got, err, tt.want, tt.ok)
+		}
+	}
+}
+
 func TestWantOperands(t *testing.T) {
 	for _, tt := range []struct {
 		line string

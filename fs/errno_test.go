@@ -29,6 +29,11 @@ func TestErrno(t *testing.T) {
 		{"outside", formats.Errorf(errOutside, "backing file is outside"), syscall.EACCES},
 		{"os error", statErr, syscall.ENOENT},
 		{"wrapped errno", fmt.Errorf("Could not open 'x': %w", formats.ErrnoError{Err: syscall.EACCES}), syscall.EACCES},
+		{"invalid argument", formats.Errorf(control.ErrInvalidArgument, "New image size must be positive"), syscall.EINVAL},
+		{"no snapshot", formats.Errorf(formats.ErrSnapshotNotFound, "Could not delete snapshot 'x': snapshot not found"), syscall.ENOENT},
+		{"errno kind", formats.Errorf(syscall.EEXIST, "Could not create snapshot 'x': -17 (File exists)"), syscall.EEXIST},
+		{"no space", formats.Errorf(syscall.ENOSPC, "No space left in the file header"), syscall.ENOSPC},
+		{"no key", formats.Errorf(errNoKey, "Invalid password, cannot unlock any keyslot"), syscall.EACCES},
 		{"canceled", context.Canceled, syscall.EINTR},
 		{"other", errors.New("something"), syscall.EIO},
 	}

@@ -36,6 +36,10 @@ type Options struct {
 	// The kernel is told allow_other, and the root directory turns
 	// everybody else away.
 	AllowRoot bool
+	// Passphrase unlocks every encrypted image (LUKS, encrypted qcow2
+	// and qcow): -o key_file=PATH, read as qemu-img reads a secret
+	// object's file. nil: encrypted images cannot be opened.
+	Passphrase []byte
 	// UID and GID own every file (-o uid=N,gid=N); 0 leaves root.
 	UID, GID uint32
 	// Logf receives what cannot be returned to a caller (a failed
@@ -75,7 +79,7 @@ const diskAttrTimeout = time.Second
 // background; it returns once the kernel has the mount. mo carries the
 // FUSE mount options (allow_other, fsname, ...).
 func Mount(mountpoint string, o Options, mo fuse.MountOptions) (*Server, error) {
-	src, err := newSource(o.Source, o.AllowOutside)
+	src, err := newSource(o.Source, o.AllowOutside, o.Passphrase)
 	if err != nil {
 		return nil, err
 	}
@@ -98,6 +102,15 @@ func Mount(mountpoint string, o Options, mo fuse.MountOptions) (*Server, error) 
 	}
 	if o.AllowRoot {
 		mo.AllowOther = true
+	}
+	// Requests of up to 1 MiB (the kernel's limit) and as much readahead
+	// let one sequential reader keep the format driver busy with large
+	// reads instead of 128 KiB ones; each request costs a round trip.
+	if mo.MaxWrite == 0 {
+		mo.MaxWrite = fuse.MAX_KERNEL_WRITE
+	}
+	if mo.MaxReadAhead == 0 {
+		mo.MaxReadAhead = mo.MaxWrite
 	}
 	// open(O_TRUNC) reaches Open as a flag instead of as a truncation,
 	// so disk can ignore it as a block device does (see diskNode.Open).

@@ -23,7 +23,7 @@ type imageDir struct {
 	// key is the file the node was made for (its dev and inode).
 	key fileKey
 
-	// mu guards img, refs, writable, pins, closedKey and everOpen.
+	// mu guards img, refs, writable, pins, closedChain and everOpen.
 	// Opening, swapping and closing happen under it, so nobody sees a
 	// half-open image. Lock order: mu, then swap.
 	mu sync.Mutex
@@ -40,11 +40,11 @@ type imageDir struct {
 	writable bool
 	// pins counts open snapshot files, whose views read through img.
 	pins int
-	// closedKey is the file as it was when the image was last closed:
-	// finding it unchanged on the next open means the kernel's cached
-	// pages of disk are still right.
-	closedKey fileKey
-	everOpen  bool
+	// closedChain is the image's files as they were when it was last
+	// closed: finding them unchanged on the next open means the
+	// kernel's cached pages of disk are still right.
+	closedChain chainEntry
+	everOpen    bool
 
 	// gen counts changes made through the mount; report caches include
 	// it because a change may not show in the file's times at once.
@@ -90,9 +90,11 @@ func (d *imageDir) fillAttr(key fileKey, a *fuse.Attr) {
 }
 
 // mayWrite reports whether the image would be opened read-write: the
-// mount allows it, the file is writable, and it backs no other image.
+// mount allows it, the file is writable, the format is one imgfs
+// writes, and the image backs no other image.
 func (d *imageDir) mayWrite(key fileKey) bool {
-	return !d.t.readOnly && key.writable && !d.t.src.backsAnother(d.path, key)
+	return !d.t.readOnly && key.writable && !d.t.src.readOnlyFormat(d.name) &&
+		!d.t.src.backsAnother(d.path, key)
 }
 
 // acquire takes a reference to the shared image, opening it if needed,
@@ -127,7 +129,7 @@ func (d *imageDir) acquire(write bool) (keepCache bool, err error) {
 	if write && !d.mayWrite(ce.key) {
 		return false, formats.Errorf(formats.ErrReadOnly, "%s is read-only in the mount", d.name)
 	}
-	img, err := openImage(d.path, formats.OpenOptions{ReadOnly: !write})
+	img, err := d.t.src.open(d.path, formats.OpenOptions{ReadOnly: !write})
 	if err != nil {
 		return false, err
 	}
@@ -139,7 +141,7 @@ func (d *imageDir) acquire(write bool) (keepCache bool, err error) {
 			return false, err
 		}
 	}
-	keepCache = d.everOpen && d.closedKey.same(ce.key)
+	keepCache = d.everOpen && d.closedChain.sameVersion(ce)
 	d.swap.Lock()
 	d.img, d.writable = img, write
 	d.swap.Unlock()
@@ -172,12 +174,12 @@ func (d *imageDir) reopenWritableLocked() error {
 	if err := d.img.Close(); err != nil {
 		d.t.logf("imgfs: closing %s to reopen it read-write: %v", d.path, err)
 	}
-	img, err := openImage(d.path, formats.OpenOptions{})
+	img, err := d.t.src.open(d.path, formats.OpenOptions{})
 	if err == nil {
 		d.img, d.writable = img, true
 		return nil
 	}
-	ro, roErr := openImage(d.path, formats.OpenOptions{ReadOnly: true})
+	ro, roErr := d.t.src.open(d.path, formats.OpenOptions{ReadOnly: true})
 	if roErr != nil {
 		// The readers' handles now fail with EIO (see image).
 		d.t.logf("imgfs: reopening %s read-only: %v", d.path, roErr)
@@ -255,7 +257,7 @@ func (d *imageDir) closeLocked() error {
 	d.swap.Unlock()
 	d.t.unregister(d)
 	d.everOpen = true
-	d.closedKey, _ = statFile(d.path)
+	d.closedChain = d.t.src.chain(d.path)
 	return err
 }
 
@@ -274,7 +276,7 @@ func (d *imageDir) use(o formats.OpenOptions, fn func(formats.Image) error) erro
 	if ce := d.t.src.chain(d.path); ce.err != nil {
 		return ce.err
 	}
-	img, err := openImage(d.path, o)
+	img, err := d.t.src.open(d.path, o)
 	if err != nil {
 		return err
 	}

@@ -106,9 +106,11 @@ type reportNode struct {
 	kind *reportKind
 
 	// mu guards the cache below and serialises making the text.
-	mu      sync.Mutex
-	valid   bool
-	key     fileKey
+	mu    sync.Mutex
+	valid bool
+	// chain is the version of the image's files the text was made from,
+	// gen the mount's count of changes to it.
+	chain   chainEntry
 	gen     uint64
 	content []byte
 	err     error
@@ -137,11 +139,11 @@ var (
 
 // text returns the current report and its version.
 func (n *reportNode) text(ctx context.Context) ([]byte, uint64, error) {
-	key, statErr := statFile(n.dir.path)
+	ce := n.dir.t.src.chain(n.dir.path)
 	gen := n.dir.gen.Load()
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if n.valid && statErr == nil && n.key.same(key) && n.gen == gen {
+	if n.valid && ce.err == nil && n.chain.sameVersion(ce) && n.gen == gen {
 		return n.content, n.version, n.err
 	}
 	var content []byte
@@ -156,7 +158,7 @@ func (n *reportNode) text(ctx context.Context) ([]byte, uint64, error) {
 	if err != nil && n.kind.textErrors {
 		content, err = []byte(openErrorText(n.dir.path, err)), nil
 	}
-	n.store(key, gen, content, err)
+	n.store(ce, gen, content, err)
 	return n.content, n.version, n.err
 }
 
@@ -167,11 +169,11 @@ func openErrorText(path string, err error) string {
 }
 
 // store caches a report text; n.mu is held.
-func (n *reportNode) store(key fileKey, gen uint64, content []byte, err error) {
+func (n *reportNode) store(ce chainEntry, gen uint64, content []byte, err error) {
 	if !n.valid || !bytes.Equal(content, n.content) || (err == nil) != (n.err == nil) {
 		n.version++
 	}
-	n.valid, n.key, n.gen, n.content, n.err = true, key, gen, content, err
+	n.valid, n.chain, n.gen, n.content, n.err = true, ce, gen, content, err
 }
 
 func (n *reportNode) Getattr(ctx context.Context, _ gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -205,12 +207,19 @@ func (n *reportNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, u
 			return nil, 0, syscall.EROFS
 		}
 		if flags&syscall.O_ACCMODE == syscall.O_WRONLY {
-			return &reportHandle{node: n}, 0, 0
+			return &reportHandle{node: n}, fuse.FOPEN_DIRECT_IO, 0
 		}
 	}
 	content, version, err := n.text(ctx)
 	if err != nil {
 		return nil, 0, Errno(err)
+	}
+	// A file that is written is read with direct I/O: the kernel sets
+	// its own idea of the size on `> check` (an O_TRUNC open makes it 0,
+	// the write of "leaks\n" 6) and would cut reads short at it, or
+	// serve the written bytes from its cache.
+	if n.kind.repairs {
+		return &reportHandle{node: n, content: content}, fuse.FOPEN_DIRECT_IO, 0
 	}
 	n.mu.Lock()
 	var fuseFlags uint32
@@ -275,9 +284,10 @@ func (h *reportHandle) Write(ctx context.Context, data []byte, off int64) (uint3
 		return 0, Errno(err)
 	}
 	d.changed()
-	key, _ := statFile(d.path)
-	n.store(key, d.gen.Load(), content, nil)
-	// The repair did not go through disk; drop what the kernel caches.
+	n.store(d.t.src.chain(d.path), d.gen.Load(), content, nil)
+	// The repair did not go through disk; drop what the kernel caches,
+	// and its idea of check's size, which the write just set.
 	notifyContent(d.disk, 0, 0)
+	notifyContent(&n.Inode, 0, 0)
 	return uint32(len(data)), 0
 }

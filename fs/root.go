@@ -73,7 +73,7 @@ func (r *root) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*go
 	if errno := r.t.admit(ctx); errno != 0 {
 		return nil, errno
 	}
-	key, ok := r.t.src.lookup(name)
+	key, ok := r.t.src.show(name)
 	if !ok {
 		return nil, syscall.ENOENT
 	}

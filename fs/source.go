@@ -26,6 +26,10 @@ type source struct {
 	// and data files must stay inside.
 	realDir      string
 	allowOutside bool
+	// secrets and keySecret are the OpenOptions fields that unlock
+	// encrypted images (nil and "" when the mount has no passphrase).
+	secrets   map[string][]byte
+	keySecret string
 
 	mu sync.Mutex // guards probes and chains
 	// probes: base name -> whether the file version is an image.
@@ -48,18 +52,55 @@ type fileKey struct {
 type probeEntry struct {
 	key   fileKey
 	image bool
+	// readOnly: the format is one imgfs only reads (dmg, bochs, cloop).
+	readOnly bool
 }
 
 // chainEntry is what opening a file's image would touch besides the file
-// itself: its backing files (resolved, in chain order) and whether one
-// of them, or a data file, is refused.
+// itself: its backing files (resolved, in chain order, with their paths)
+// and whether one of them, or a data file, is refused.
 type chainEntry struct {
 	key   fileKey
 	files []fileKey
-	err   error
+	paths []string
+	// extents are the other files the top image keeps its data in (a
+	// split VMDK's extents), by absolute path.
+	extents []string
+	err     error
 }
 
-func newSource(path string, allowOutside bool) (*source, error) {
+// current reports whether the files of the entry are all as they were
+// when it was made: a backing file written or replaced on the host, or
+// one with a different backing file of its own, makes it stale.
+func (e chainEntry) current(key fileKey) bool {
+	if !e.key.same(key) {
+		return false
+	}
+	for i, p := range e.paths {
+		k, err := statFile(p)
+		if err != nil || !k.same(e.files[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// sameVersion reports whether two entries describe the same version of
+// every file of the chain: what the chain reads has not changed on the
+// host in between.
+func (e chainEntry) sameVersion(o chainEntry) bool {
+	if !e.key.same(o.key) || len(e.files) != len(o.files) {
+		return false
+	}
+	for i := range e.files {
+		if !e.files[i].same(o.files[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+func newSource(path string, allowOutside bool, passphrase []byte) (*source, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return nil, err
@@ -70,6 +111,9 @@ func newSource(path string, allowOutside bool) (*source, error) {
 	}
 	s := &source{dir: abs, allowOutside: allowOutside,
 		probes: map[string]probeEntry{}, chains: map[string]chainEntry{}}
+	if passphrase != nil {
+		s.secrets, s.keySecret = map[string][]byte{passphraseID: passphrase}, passphraseID
+	}
 	switch {
 	case st.Mode().IsRegular():
 		// A single image is shown whatever its content: naming it is
@@ -84,6 +128,10 @@ func newSource(path string, allowOutside bool) (*source, error) {
 	}
 	return s, nil
 }
+
+// passphraseID is the secret id under which the mount hands its
+// passphrase to the drivers, as `--object secret,id=ID` would.
+const passphraseID = "imgfs-mount-key"
 
 // statFile returns the key of the file at path, following symlinks.
 func statFile(path string) (fileKey, error) {
@@ -143,27 +191,84 @@ func (s *source) lookup(name string) (fileKey, bool) {
 	if ok && e.key.same(key) {
 		return key, e.image
 	}
-	image := s.single != "" || s.probe(name, key.size)
+	e = s.probe(name, key)
 	s.mu.Lock()
-	s.probes[name] = probeEntry{key: key, image: image}
+	s.probes[name] = e
 	s.mu.Unlock()
-	return key, image
+	return key, e.image
 }
 
 // probe reads the head of the file and applies isImageFile.
-func (s *source) probe(name string, size int64) bool {
+func (s *source) probe(name string, key fileKey) probeEntry {
+	e := probeEntry{key: key, image: s.single != ""}
 	f, err := formats.OpenFile(s.path(name), true, false)
 	if err != nil {
-		return false
+		return e
 	}
 	defer f.Close()
 	d, err := formats.ProbeFile(f)
-	return err == nil && (isImageFile(d, name, size) || d.Name == "raw" && hasVHDFooter(f))
+	if err != nil {
+		return e
+	}
+	e.image = e.image || isImageFile(d, name, key.size) || d.Name == "raw" && hasVHDFooter(f)
+	e.readOnly = d.ReadOnly
+	return e
 }
 
-// list returns the names of the images in SOURCE, sorted, and forgets
-// cached results of files that are gone.
+// readOnlyFormat reports whether the image called name is of a format
+// imgfs cannot write, as its last lookup found.
+func (s *source) readOnlyFormat(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.probes[name].readOnly
+}
+
+// list returns the names of the images the mount shows, sorted: the
+// images in SOURCE but those that are part of another one.
 func (s *source) list() ([]string, error) {
+	all, err := s.images()
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, n := range all {
+		if !s.partOfAnother(n, all) {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
+// show reports whether the mount shows name, and its key: list's rule
+// for one name.
+func (s *source) show(name string) (fileKey, bool) {
+	key, ok := s.lookup(name)
+	if !ok || s.single != "" || s.chain(s.path(name)).err == nil {
+		return key, ok
+	}
+	all, err := s.images()
+	return key, err != nil || !s.partOfAnother(name, all)
+}
+
+// partOfAnother reports whether the image called name cannot be opened
+// on its own because another image of names keeps data in it (an extent
+// of a split VMDK): it is a part of that image, not an image.
+func (s *source) partOfAnother(name string, names []string) bool {
+	path := s.path(name)
+	if s.single != "" || s.chain(path).err == nil {
+		return false
+	}
+	for _, n := range names {
+		if n != name && slices.Contains(s.chain(s.path(n)).extents, path) {
+			return true
+		}
+	}
+	return false
+}
+
+// images returns the names of the images in SOURCE, sorted, and forgets
+// cached results of files that are gone.
+func (s *source) images() ([]string, error) {
 	var names []string
 	if s.single != "" {
 		names = []string{s.single}
@@ -213,7 +318,7 @@ var peekOptions = formats.OpenOptions{ReadOnly: true, NoBacking: true, NoIO: tru
 
 // chain returns the files path's backing chain uses, refusing (err set)
 // a backing or data file outside SOURCE unless allowed. Cached per
-// version of the top file.
+// version of every file of the chain.
 func (s *source) chain(path string) chainEntry {
 	key, err := statFile(path)
 	if err != nil {
@@ -222,11 +327,11 @@ func (s *source) chain(path string) chainEntry {
 	s.mu.Lock()
 	e, ok := s.chains[path]
 	s.mu.Unlock()
-	if ok && e.key.same(key) {
+	if ok && e.current(key) {
 		return e
 	}
 	e = chainEntry{key: key}
-	e.files, e.err = s.walkChain(path)
+	e.files, e.paths, e.extents, e.err = s.walkChain(path)
 	s.mu.Lock()
 	s.chains[path] = e
 	s.mu.Unlock()
@@ -234,69 +339,91 @@ func (s *source) chain(path string) chainEntry {
 }
 
 // walkChain follows backing file names from the header of path down,
-// as formats.Open would, checking each resolved name and each data file
-// against SOURCE.
-func (s *source) walkChain(path string) ([]fileKey, error) {
-	var files []fileKey
+// as formats.Open would, checking each resolved name, each data file and
+// each extent file against SOURCE. extents are the top image's.
+func (s *source) walkChain(path string) (files []fileKey, paths, extents []string, err error) {
 	cur := path
 	for depth := 0; depth <= formats.MaxChainDepth; depth++ {
-		img, err := openImage(cur, peekOptions)
+		img, err := s.open(cur, peekOptions)
 		if err != nil {
 			if cur == path {
-				return files, err
+				return files, paths, extents, err
 			}
 			// A missing or broken backing file is reported when the
 			// chain is opened; it cannot be outside SOURCE here.
-			return files, nil
+			return files, paths, extents, nil
 		}
 		var name string
 		if b, ok := img.(formats.Backed); ok {
 			name, _ = b.BackingInfo()
 		}
-		dataFile := externalDataFile(img)
+		dataFile, exts := otherFiles(img)
+		if cur == path {
+			extents = exts
+		}
 		img.Close()
+		for _, x := range exts {
+			if !s.allowOutside && !s.inside(x) {
+				return files, paths, extents, formats.Errorf(errOutside,
+					"extent file '%s' of '%s' is outside the mounted directory %s (mount with -o allow_outside to allow it)",
+					x, cur, s.dir)
+			}
+		}
 		if dataFile != "" && !s.allowOutside && !s.inside(formats.BackingPath(cur, dataFile)) {
-			return files, formats.Errorf(errOutside,
+			return files, paths, extents, formats.Errorf(errOutside,
 				"data file '%s' of '%s' is outside the mounted directory %s (mount with -o allow_outside to allow it)",
 				dataFile, cur, s.dir)
 		}
 		if name == "" {
-			return files, nil
+			return files, paths, extents, nil
 		}
 		next := formats.BackingPath(cur, name)
 		if !s.allowOutside && !s.inside(next) {
-			return files, formats.Errorf(errOutside,
+			return files, paths, extents, formats.Errorf(errOutside,
 				"backing file '%s' of '%s' resolves to '%s', outside the mounted directory %s (mount with -o allow_outside to allow it)",
 				name, cur, next, s.dir)
 		}
 		k, err := statFile(next)
 		if err != nil {
-			return files, nil
+			return files, paths, extents, nil
 		}
 		for _, f := range files {
 			if f.sameFile(k) {
-				return files, nil // a loop; formats.Open refuses it
+				return files, paths, extents, nil // a loop; formats.Open refuses it
 			}
 		}
-		files = append(files, k)
+		files, paths = append(files, k), append(paths, next)
 		cur = next
 	}
-	return files, nil
+	return files, paths, extents, nil
 }
 
-// externalDataFile is the data file an image names in its format
-// specific information (qcow2's "data-file"), "" when none.
-func externalDataFile(img formats.Image) string {
+// otherFiles are the files besides its own that img keeps guest data
+// in, as its format specific information names them: qcow2's external
+// "data-file" ("" when none), and the "extents" of a VMDK other than
+// the image's own file, by cleaned path.
+func otherFiles(img formats.Image) (dataFile string, extents []string) {
 	d, ok := img.(formats.Describer)
 	if !ok {
-		return ""
+		return "", nil
 	}
 	desc, err := d.Describe()
 	if err != nil || desc.FormatSpecific == nil {
-		return ""
+		return "", nil
 	}
-	name, _ := desc.FormatSpecific.Data.Get("data-file").(string)
-	return name
+	data := desc.FormatSpecific.Data
+	dataFile, _ = data.Get("data-file").(string)
+	list, _ := data.Get("extents").([]any)
+	for _, e := range list {
+		o, ok := e.(formats.Object)
+		if !ok {
+			continue
+		}
+		if name, _ := o.Get("filename").(string); name != "" && filepath.Clean(name) != filepath.Clean(img.Filename()) {
+			extents = append(extents, filepath.Clean(name))
+		}
+	}
+	return dataFile, extents
 }
 
 // backsAnother reports whether some other image in SOURCE has the file

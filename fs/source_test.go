@@ -51,7 +51,7 @@ func TestSource(t *testing.T) {
 	if err := os.Mkdir(filepath.Join(dir, "sub.img"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	s, err := newSource(dir, false)
+	s, err := newSource(dir, false, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,7 +77,7 @@ func TestSource(t *testing.T) {
 		t.Error("lookup left SOURCE")
 	}
 
-	allowed, err := newSource(dir, true)
+	allowed, err := newSource(dir, true, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,13 +86,34 @@ func TestSource(t *testing.T) {
 	}
 
 	// A single image is shown whatever its name, and alone.
-	single, err := newSource(filepath.Join(dir, "notes.txt"), false)
+	single, err := newSource(filepath.Join(dir, "notes.txt"), false, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if names, _ := single.list(); !slices.Equal(names, []string{"notes.txt"}) {
 		t.Errorf("single-file SOURCE lists %q", names)
 	}
+
+	// A split VMDK's extent is part of it, not an image of its own; a
+	// backing file changed on the host makes the chain entry new.
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", filepath.Join(dir, "split.vmdk"), "1M")
+	names, _ = s.list()
+	if want := []string{"base.qcow2", "escape.qcow2", "plain.img", "split.vmdk", "top.qcow2"}; !slices.Equal(names, want) {
+		t.Errorf("with a split vmdk list = %q, want %q", names, want)
+	}
+	if _, ok := s.show("split-s001.vmdk"); ok {
+		t.Error("the extent split-s001.vmdk is shown")
+	}
+	if _, ok := s.show("split.vmdk"); !ok {
+		t.Error("split.vmdk is not shown")
+	}
+	old := s.chain(s.path("top.qcow2"))
+	formatstest.Exec(t, "qemu-io", "-f", "qcow2", "-c", "write 0 64k", filepath.Join(dir, "base.qcow2"))
+	if now := s.chain(s.path("top.qcow2")); now.sameVersion(old) {
+		t.Error("top.qcow2's chain is the same version after its backing file was written")
+	}
+	os.Remove(filepath.Join(dir, "split.vmdk"))
+	os.Remove(filepath.Join(dir, "split-s001.vmdk"))
 
 	// A removed image vanishes; an added one appears.
 	os.Remove(filepath.Join(dir, "plain.img"))

@@ -42,12 +42,3 @@ func mountFormat(path string) string {
 	}
 	return ""
 }
-
-// openImage is formats.Open for the mount's images: a format the caller
-// leaves open is chosen by mountFormat.
-func openImage(path string, o formats.OpenOptions) (formats.Image, error) {
-	if o.Format == "" {
-		o.Format = mountFormat(path)
-	}
-	return formats.Open(path, o)
-}

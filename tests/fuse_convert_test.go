@@ -151,3 +151,97 @@ func TestFUSEConvertTo(t *testing.T) {
 		checkConvertTarget(t, mnt, out, "c.qcow2", "qcow2", p.name, p.format)
 	}
 }
+
+// readTarget reads a convert-to file, checks that its st_size before
+// the read was the number of bytes read, and returns them.
+func readTarget(t *testing.T, file string) []byte {
+	t.Helper()
+	st, err := os.Stat(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(b)) != st.Size() {
+		t.Errorf("%s: st_size %d, read %d bytes", file, st.Size(), len(b))
+	}
+	return b
+}
+
+// sameAsSource has qemu-img compare a convert-to file's bytes with the
+// image in src as it is now.
+func sameAsSource(t *testing.T, src, image string, target []byte, format string) {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "target")
+	if err := os.WriteFile(out, target, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r := run(t, src, qemuImg, "compare", "-U", "-F", format, image, out); r.code != 0 {
+		t.Errorf("%s: the convert-to target differs from the image: exit %d\n%s%s", image, r.code, r.stdout, r.stderr)
+	}
+}
+
+// TestFUSEConvertToRebuilt changes the source of convert-to targets by
+// every path, one of which leaves the image's own file alone, and
+// expects the targets rebuilt each time: a new st_size and the new
+// content.
+func TestFUSEConvertToRebuilt(t *testing.T) {
+	requireFUSE(t)
+	src := t.TempDir()
+	runSteps(t, src, []step{
+		create("base.qcow2", "4M", ""),
+		qemuIO("qcow2", "base.qcow2", "write -P 0x11 0 64k"),
+		overlay("top.qcow2", "base.qcow2", "qcow2", ""),
+		qemuIO("qcow2", "top.qcow2", "write -P 0x22 1M 64k"),
+		create("b2.qcow2", "4M", ""),
+		overlay("t2.qcow2", "b2.qcow2", "qcow2", ""),
+		qemuIO("qcow2", "t2.qcow2", "write -P 0x33 2M 64k"),
+	})
+	mnt := mountImgfs(t, src)
+	target := func(image string) string { return filepath.Join(mnt, image, "convert-to", "disk.qcow2") }
+
+	// step changes something, then each listed image's target must
+	// have grown by a cluster and hold the image's new content.
+	for _, step := range []struct {
+		name   string
+		change func(t *testing.T)
+		images []string
+	}{
+		{"backing file written on the host", func(t *testing.T) {
+			mustRun(t, src, qemuIOPath, "-f", "qcow2", "-c", "write -P 0x44 3M 64k", "base.qcow2")
+		}, []string{"top.qcow2", "base.qcow2"}},
+		{"image written on the host", func(t *testing.T) {
+			mustRun(t, src, qemuIOPath, "-f", "qcow2", "-c", "write -P 0x55 2M 64k", "top.qcow2")
+		}, []string{"top.qcow2"}},
+		{"commit into the backing image", func(t *testing.T) {
+			mustCtl(t, filepath.Join(mnt, "t2.qcow2"), "commit")
+		}, []string{"b2.qcow2"}},
+		{"ctl resize", func(t *testing.T) {
+			mustCtl(t, filepath.Join(mnt, "t2.qcow2"), "resize 5M")
+		}, nil},
+	} {
+		t.Run(step.name, func(t *testing.T) {
+			before := map[string][]byte{}
+			for _, img := range []string{"top.qcow2", "base.qcow2", "t2.qcow2", "b2.qcow2"} {
+				before[img] = readTarget(t, target(img))
+			}
+			step.change(t)
+			for _, img := range step.images {
+				after := readTarget(t, target(img))
+				if len(after) <= len(before[img]) {
+					t.Errorf("%s: convert-to/disk.qcow2 is %d bytes after the change, was %d", img, len(after), len(before[img]))
+				}
+				sameAsSource(t, src, img, after, "qcow2")
+			}
+			if step.images == nil {
+				after := readTarget(t, target("t2.qcow2"))
+				if bytes.Equal(after, before["t2.qcow2"]) {
+					t.Error("t2.qcow2: convert-to/disk.qcow2 unchanged after a resize")
+				}
+				sameAsSource(t, src, "t2.qcow2", after, "qcow2")
+			}
+		})
+	}
+}

@@ -33,6 +33,17 @@ func writeCtl(t *testing.T, dir, line string) error {
 	return err
 }
 
+// writeCtlErr is writeCtl for a goroutine: every failure is returned.
+func writeCtlErr(ctl, line string) error {
+	f, err := os.OpenFile(ctl, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = f.Write([]byte(line + "\n"))
+	return err
+}
+
 func mustCtl(t *testing.T, dir, line string) {
 	t.Helper()
 	if err := writeCtl(t, dir, line); err != nil {
@@ -154,11 +165,11 @@ func TestFUSECtl(t *testing.T) {
 			want          unix.Errno
 		}{
 			{"resize -8M", "resize", "--shrink", unix.EINVAL},
-			{"resize -1G", "resize", "must be positive", unix.EIO},
+			{"resize -1G", "resize", "must be positive", unix.EINVAL},
 			{"frobnicate now", "frobnicate", "unknown command", unix.EINVAL},
-			{"snapshot -d nosuch", "snapshot", "snapshot not found", unix.EIO},
+			{"snapshot -d nosuch", "snapshot", "snapshot not found", unix.ENOENT},
 			{"convert -O raw ../../escape.raw", "convert", "outside", unix.EACCES},
-			{"commit", "commit", "does not have a backing file", unix.EIO},
+			{"commit", "commit", "does not have a backing file", unix.EINVAL},
 		} {
 			if err := writeCtl(t, a, tc.line); !errors.Is(err, tc.want) {
 				t.Errorf("ctl %q: %v, want %v", tc.line, err, tc.want)

@@ -159,6 +159,9 @@ func TestFUSELocks(t *testing.T) {
 	})
 
 	t.Run("vm", func(t *testing.T) {
+		// The mount lets go of a.qcow2, which the last subtest read,
+		// after close(2) returned: a VM could not start before.
+		afterRelease(t, src, qemuIOPath, "-f", "qcow2", "-c", "write -P 1 0 4k", "a.qcow2")
 		// qemu-io stands for a VM writing the images.
 		for _, img := range []struct{ format, file string }{{"qcow2", "a.qcow2"}, {"raw", "b.img"}} {
 			cmd := exec.Command(qemuIOPath, "-f", img.format, "-c", "sleep 600000", img.file)

@@ -3,6 +3,7 @@ package tests
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -314,9 +315,21 @@ func TestFUSE(t *testing.T) {
 		if st, err := os.Stat(filepath.Join(mnt, "c.qcow2", "disk")); err != nil || st.Size() != 1<<20 {
 			t.Errorf("new image's disk: %v, %v", st, err)
 		}
+		// Replaced under the same name: the new image is shown.
+		os.Remove(filepath.Join(src, "c.qcow2"))
+		mustRun(t, src, qemuImg, "create", "-q", "-f", "vdi", "c.qcow2", "2M")
+		if st, err := os.Stat(filepath.Join(mnt, "c.qcow2", "disk")); err != nil || st.Size() != 2<<20 {
+			t.Errorf("replaced image's disk: %v, %v; want 2 MiB", st, err)
+		}
+		if info, err := os.ReadFile(filepath.Join(mnt, "c.qcow2", "info")); err != nil || !strings.Contains(string(info), "file format: vdi") {
+			t.Errorf("replaced image's info: %q, %v", info, err)
+		}
 		os.Remove(filepath.Join(src, "c.qcow2"))
 		if _, err := os.Stat(filepath.Join(mnt, "c.qcow2")); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("removed image still there: %v", err)
+		}
+		if got := readDirNames(t, mnt); slices.Contains(got, "c.qcow2") {
+			t.Errorf("removed image still listed: %q", got)
 		}
 	})
 
@@ -381,8 +394,11 @@ func TestFUSERepair(t *testing.T) {
 func TestFUSEReadOnly(t *testing.T) {
 	requireFUSE(t)
 	src := fuseFixture(t)
+	mustRun(t, src, qemuImg, "snapshot", "-c", "s0", "a.qcow2")
+	before := convertRaw(t, src, "a.qcow2")
 	mnt := mountImgfs(t, src, "ro")
-	disk := filepath.Join(mnt, "a.qcow2", "disk")
+	dir := filepath.Join(mnt, "a.qcow2")
+	disk := filepath.Join(dir, "disk")
 	if _, err := os.OpenFile(disk, os.O_RDWR, 0); !errors.Is(err, unix.EROFS) {
 		t.Errorf("open for writing on -o ro: %v, want EROFS", err)
 	}
@@ -392,8 +408,35 @@ func TestFUSEReadOnly(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(mnt, "a.qcow2", "check"), []byte("all\n"), 0); !errors.Is(err, unix.EROFS) {
 		t.Errorf("repair on -o ro: %v, want EROFS", err)
 	}
-	if _, err := os.ReadFile(disk); err != nil {
-		t.Errorf("reading on -o ro: %v", err)
+	if _, err := os.OpenFile(filepath.Join(dir, "ctl"), os.O_WRONLY, 0); !errors.Is(err, unix.EROFS) {
+		t.Errorf("opening ctl on -o ro: %v, want EROFS", err)
+	}
+	if _, err := os.Create(filepath.Join(dir, "snapshots", "s1")); !errors.Is(err, unix.EROFS) {
+		t.Errorf("taking a snapshot on -o ro: %v, want EROFS", err)
+	}
+	if err := os.Remove(filepath.Join(dir, "snapshots", "s0")); !errors.Is(err, unix.EROFS) {
+		t.Errorf("deleting a snapshot on -o ro: %v, want EROFS", err)
+	}
+	if got, err := os.ReadFile(disk); err != nil || !bytes.Equal(got, before) {
+		t.Errorf("reading on -o ro: %d bytes, %v", len(got), err)
+	}
+	if _, err := os.ReadFile(filepath.Join(dir, "snapshots", "s0")); err != nil {
+		t.Errorf("reading a snapshot on -o ro: %v", err)
+	}
+	if _, err := os.ReadFile(filepath.Join(dir, "convert-to", "disk.vmdk")); err != nil {
+		t.Errorf("reading convert-to on -o ro: %v", err)
+	}
+	for _, name := range []string{"a.qcow2", "b.img"} {
+		if st, err := os.Stat(filepath.Join(mnt, name, "disk")); err != nil || st.Mode().Perm()&0o222 != 0 {
+			t.Errorf("%s/disk on -o ro: %v, %v; want no write permission", name, st, err)
+		}
+	}
+	umountImgfs(t, mnt)
+	if names := snapshotNames(t, src, "a.qcow2"); strings.Join(names, " ") != "s0" {
+		t.Errorf("snapshots after the -o ro mount: %q", names)
+	}
+	if got := convertRaw(t, src, "a.qcow2"); !bytes.Equal(got, before) {
+		t.Error("the image changed under -o ro")
 	}
 }
 
@@ -408,6 +451,16 @@ func TestFUSEBacking(t *testing.T) {
 	})
 	runSteps(t, outside, []step{create("far.qcow2", "4M", "")})
 	mustRun(t, src, qemuImg, "create", "-q", "-f", "qcow2", "-b", filepath.Join(outside, "far.qcow2"), "-F", "qcow2", "escape.qcow2")
+	// A VMDK descriptor in SOURCE whose extent lies outside it.
+	mustRun(t, outside, qemuImg, "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "flat.vmdk", "1M")
+	desc, err := os.ReadFile(filepath.Join(outside, "flat.vmdk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc = bytes.Replace(desc, []byte(`"flat-flat.vmdk"`), []byte(`"`+filepath.Join(outside, "flat-flat.vmdk")+`"`), 1)
+	if err := os.WriteFile(filepath.Join(src, "extent.vmdk"), desc, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	mnt := mountImgfs(t, src)
 	if _, err := os.OpenFile(filepath.Join(mnt, "base.qcow2", "disk"), os.O_RDWR, 0); !errors.Is(err, unix.EROFS) {
 		t.Errorf("writing a backing image: %v, want EROFS", err)
@@ -423,6 +476,12 @@ func TestFUSEBacking(t *testing.T) {
 	info, err := os.ReadFile(filepath.Join(mnt, "escape.qcow2", "info"))
 	if err != nil || !strings.Contains(string(info), "allow_outside") {
 		t.Errorf("info of the refused image: %q, %v", info, err)
+	}
+	if _, err := os.Open(filepath.Join(mnt, "extent.vmdk", "disk")); !errors.Is(err, unix.EACCES) {
+		t.Errorf("image with an extent outside SOURCE: %v, want EACCES", err)
+	}
+	if info, err := os.ReadFile(filepath.Join(mnt, "extent.vmdk", "info")); err != nil || !strings.Contains(string(info), "extent file") {
+		t.Errorf("info of the image with an extent outside: %q, %v", info, err)
 	}
 }
 
@@ -512,39 +571,54 @@ func TestFUSEDamaged(t *testing.T) {
 	}
 }
 
-// TestFUSESignal stops the mount with SIGTERM: it unmounts, and the
-// image it wrote is left flushed and clean.
+// TestFUSESignal stops the mount with SIGTERM, SIGINT and fusermount3
+// -u: each unmounts, and the image written through it is left flushed
+// and clean.
 func TestFUSESignal(t *testing.T) {
 	requireFUSE(t)
-	src := t.TempDir()
-	runSteps(t, src, []step{create("a.qcow2", "8M", "")})
-	mnt := mountImgfs(t, src)
-	data := bytes.Repeat([]byte{0x5a}, 3<<20)
-	if err := os.WriteFile(filepath.Join(mnt, "a.qcow2", "disk"), data, 0); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 16)
-	n, err := unix.Getxattr(mnt, "user.imgfs.pid", buf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pid, err := strconv.Atoi(string(buf[:n]))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Kill(pid, unix.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(10 * time.Second); isMounted(mnt) || unix.Kill(pid, 0) == nil && !zombie(pid); {
-		if time.Now().After(deadline) {
-			t.Fatal("the mount process did not stop on SIGTERM")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	mustRun(t, src, qemuImg, "check", "a.qcow2")
-	got := convertRaw(t, src, "a.qcow2")
-	if !bytes.Equal(got[:len(data)], data) {
-		t.Error("the data written before SIGTERM is not in the image")
+	for _, stop := range []string{"SIGTERM", "SIGINT", "fusermount3 -u"} {
+		t.Run(stop, func(t *testing.T) {
+			src := t.TempDir()
+			runSteps(t, src, []step{create("a.qcow2", "8M", "")})
+			mnt := mountImgfs(t, src)
+			data := bytes.Repeat([]byte{0x5a}, 3<<20)
+			if err := os.WriteFile(filepath.Join(mnt, "a.qcow2", "disk"), data, 0); err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 16)
+			n, err := unix.Getxattr(mnt, "user.imgfs.pid", buf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pid, err := strconv.Atoi(string(buf[:n]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch stop {
+			case "SIGTERM":
+				err = unix.Kill(pid, unix.SIGTERM)
+			case "SIGINT":
+				err = unix.Kill(pid, unix.SIGINT)
+			default:
+				if r := run(t, "", "fusermount3", "-u", mnt); r.code != 0 {
+					err = fmt.Errorf("exit %d: %s", r.code, r.stderr)
+				}
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			for deadline := time.Now().Add(10 * time.Second); isMounted(mnt) || unix.Kill(pid, 0) == nil && !zombie(pid); {
+				if time.Now().After(deadline) {
+					t.Fatalf("the mount process did not stop on %s", stop)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			mustRun(t, src, qemuImg, "check", "a.qcow2")
+			got := convertRaw(t, src, "a.qcow2")
+			if !bytes.Equal(got[:len(data)], data) {
+				t.Errorf("the data written before %s is not in the image", stop)
+			}
+		})
 	}
 }
 

@@ -78,7 +78,7 @@ func amend(c *cli.Context, op *opener, bar *progressBar, options string) error {
 		// amend_status_cb: 100.f * offset / total_work_size, in float.
 		bar.print(100*float32(done)/float32(total), 0)
 	}
-	if err := control.Amend(control.AmendOptions{Image: img, Options: options, Force: c.Bool("force"), Progress: progress}); err != nil {
+	if err := control.Amend(control.AmendOptions{Image: img, Options: options, Force: c.Bool("force"), Secrets: op.secrets, Progress: progress}); err != nil {
 		return err
 	}
 	return img.Close()

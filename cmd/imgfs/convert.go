@@ -205,14 +205,16 @@ func runConvert(c *cli.Context) error {
 		Options:      f.options,
 		Secrets:      op.secrets,
 		SkipCreate:   f.skipCreate,
-		OpenTarget: func(direct bool) (formats.Image, error) {
+		OpenTarget: func(cache control.CacheMode) (formats.Image, error) {
 			// The target is opened like the sources, but without -U.
 			top := *op
-			top.imageOpts, top.direct, top.forceShare = f.tgtImageOpts, direct, false
+			top.imageOpts, top.forceShare = f.tgtImageOpts, false
+			top.direct, top.noFlush = cache.Direct, cache.NoFlush
 			if kvs, err := parseKeyValues(f.options, ""); err == nil {
-				// luks names the passphrase key-secret, qcow2 encrypt.key-secret.
+				// luks names the passphrase key-secret, qcow2 and qcow
+				// encrypt.key-secret.
 				top.keySecret = kvs.get("key-secret")
-				if f.outFmt == "qcow2" {
+				if f.outFmt == "qcow2" || f.outFmt == "qcow" {
 					top.keySecret = kvs.get("encrypt.key-secret")
 				}
 			}

@@ -35,10 +35,7 @@ func runInfo(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	name := ""
-	if op.imageOpts {
-		name = imageOptsName(args[0])
-	}
+	name := op.imageName(args[0], c.String("f"))
 	first := true
 	list, err := control.Info(control.InfoOptions{
 		Filename:     args[0],

@@ -41,7 +41,7 @@ func init() {
 			Usage:     "mount a directory of images (or one image) as a FUSE filesystem",
 			ArgsUsage: "SOURCE MOUNTPOINT",
 			Flags: []cli.Flag{
-				&cli.StringSliceFlag{Name: "o", Usage: "mount options: ro, allow_other, allow_root, default_permissions, uid=N, gid=N, allow_outside, ..."},
+				&cli.StringSliceFlag{Name: "o", Usage: "mount options: ro, allow_other, allow_root, default_permissions, uid=N, gid=N, allow_outside, key_file=PATH, ..."},
 				&cli.BoolFlag{Name: "f", Usage: "stay in the foreground"},
 			},
 			Action: runMount,
@@ -62,6 +62,9 @@ const readyEnv = "IMGFS_MOUNT_READY_FD"
 type mountConfig struct {
 	fs fs.Options
 	mo fuse.MountOptions
+	// keyFile is -o key_file=PATH, made absolute: the passphrase of
+	// encrypted images.
+	keyFile string
 }
 
 // kernelOptions are the generic mount flags passed on to the kernel
@@ -112,6 +115,12 @@ func parseMountOptions(values []string) (*mountConfig, error) {
 				} else {
 					cfg.fs.GID = uint32(id)
 				}
+			case hasVal && name == "key_file":
+				abs, err := filepath.Abs(val)
+				if err != nil {
+					return nil, err
+				}
+				cfg.keyFile = abs
 			case hasVal && name == "fsname":
 				cfg.mo.FsName = val
 			case hasVal && name == "subtype":
@@ -147,9 +156,16 @@ func runMount(c *cli.Context) error {
 			return err
 		}
 	}
+	if cfg.keyFile != "" {
+		// As qemu-img reads `--object secret,file=PATH`: every byte,
+		// a trailing newline included.
+		if cfg.fs.Passphrase, err = os.ReadFile(cfg.keyFile); err != nil {
+			return fmt.Errorf("key_file: %w", err)
+		}
+	}
 	fdStr := os.Getenv(readyEnv)
 	if !c.Bool("f") && fdStr == "" {
-		return daemonize(c.StringSlice("o"), source, mountpoint)
+		return daemonize(absKeyFile(c.StringSlice("o"), cfg.keyFile), source, mountpoint)
 	}
 	ready := func(error) {}
 	logf := func(format string, args ...any) { fmt.Fprintf(c.App.ErrWriter, format+"\n", args...) }
@@ -198,6 +214,25 @@ func runMount(c *cli.Context) error {
 		}
 	}()
 	return srv.Wait()
+}
+
+// absKeyFile gives the background mount, which runs in /, the key_file
+// option with its path made absolute.
+func absKeyFile(values []string, abs string) []string {
+	if abs == "" {
+		return values
+	}
+	out := make([]string, len(values))
+	for i, v := range values {
+		opts := strings.Split(v, ",")
+		for j, o := range opts {
+			if strings.HasPrefix(o, "key_file=") {
+				opts[j] = "key_file=" + abs
+			}
+		}
+		out[i] = strings.Join(opts, ",")
+	}
+	return out
 }
 
 // checkMountpoint refuses to mount over SOURCE or a directory that

@@ -26,6 +26,11 @@ func TestParseMountOptions(t *testing.T) {
 		{[]string{"default_permissions,fsname=imgs,subtype=imgfs2"}, false, func(c *mountConfig) bool {
 			return slices.Contains(c.mo.Options, "default_permissions") && c.mo.FsName == "imgs" && c.mo.Name == "imgfs2"
 		}},
+		{[]string{"ro,key_file=/etc/imgfs.key"}, false, func(c *mountConfig) bool { return c.keyFile == "/etc/imgfs.key" }},
+		{[]string{"key_file=rel/key"}, false, func(c *mountConfig) bool {
+			wd, _ := os.Getwd()
+			return c.keyFile == filepath.Join(wd, "rel/key")
+		}},
 		{[]string{"uid=x"}, true, nil},
 		{[]string{"bogus"}, true, nil},
 		{[]string{"allow_root,allow_other"}, true, nil},
@@ -39,6 +44,16 @@ func TestParseMountOptions(t *testing.T) {
 		if err == nil && !tt.check(cfg) {
 			t.Errorf("%q: got %+v", tt.opts, cfg)
 		}
+	}
+}
+
+func TestAbsKeyFile(t *testing.T) {
+	got := absKeyFile([]string{"ro,key_file=k", "allow_other"}, "/abs/k")
+	if want := []string{"ro,key_file=/abs/k", "allow_other"}; !slices.Equal(got, want) {
+		t.Errorf("absKeyFile = %q, want %q", got, want)
+	}
+	if got := absKeyFile([]string{"ro"}, ""); !slices.Equal(got, []string{"ro"}) {
+		t.Errorf("absKeyFile without a key file = %q", got)
 	}
 }
 

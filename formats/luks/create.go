@@ -47,11 +47,13 @@ var hashNames = []string{"md5", "sha1", "sha224", "sha256", "sha384", "sha512", 
 // QEMU's defaults (aes-256, xts, plain64, sha256, 2000 ms); prefix is ""
 // for the luks format and "encrypt." for qcow2's. The passphrase comes
 // from the secret key-secret names. Errors come in QEMU's order: option
-// values, then the secret, then what imgfs cannot do.
+// values (named without the prefix, as QEMU's visitor of the extracted
+// options names them), then the secret (named with it), then what
+// cannot be done.
 func ParseCreateOptions(opts *formats.Options, prefix string) (*CreateParams, error) {
 	for _, name := range []string{"cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg"} {
 		if v := opts.String(prefix + name); opts.Has(prefix+name) && !slices.Contains(qapiEnums[name], v) {
-			return nil, formats.Errorf(formats.ErrInvalidOption, "Parameter '%s%s' does not accept value '%s'", prefix, name, v)
+			return nil, formats.Errorf(formats.ErrInvalidOption, "Parameter '%s' does not accept value '%s'", name, v)
 		}
 	}
 	get := func(name, def string) string {
@@ -74,11 +76,15 @@ func ParseCreateOptions(opts *formats.Options, prefix string) (*CreateParams, er
 	if n, ok := opts.Uint(prefix + "iter-time"); ok {
 		p.IterTime = n
 	}
+	id := get("key-secret", "")
+	if id == "" {
+		return nil, formats.Errorf(formats.ErrInvalidOption, "Parameter '%skey-secret' is required for cipher", prefix)
+	}
 	var err error
-	if p.Password, err = lookupSecret(get("key-secret", ""), opts.Secrets); err != nil {
+	if p.Password, err = lookupSecretData(id, opts.Secrets); err != nil {
 		return nil, err
 	}
-	return p, p.Spec.validate()
+	return p, p.Spec.validateCreate()
 }
 
 // create makes a LUKS image: the header and key material, then the
@@ -121,7 +127,8 @@ func create(filename string, opts *formats.Options) error {
 }
 
 // measure is block_crypto_measure: the header region the options ask
-// for plus the virtual size, unrounded, allocated or not. Like QEMU it
+// for plus the virtual size (a source's rounded up to a sector, --size
+// as given), allocated or not. Like QEMU it
 // needs the key-secret (QEMU formats a scratch header to learn the
 // region size; imgfs computes it).
 func measure(opts *formats.Options, src formats.Image) (*formats.MeasureResult, error) {
@@ -136,7 +143,7 @@ func measure(opts *formats.Options, src formats.Image) (*formats.MeasureResult, 
 	n, _ := opts.Uint("size")
 	size := int64(n)
 	if src != nil {
-		size = src.Size()
+		size = (src.Size() + SectorSize - 1) &^ (SectorSize - 1)
 	}
 	return &formats.MeasureResult{Required: region + size, FullyAllocated: region + size}, nil
 }

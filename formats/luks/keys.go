@@ -23,30 +23,52 @@ var ErrInvalidPassword = errors.New("invalid LUKS password")
 // from r, where the header starts at base, and returns the cipher of the
 // master key it recovers, as qcrypto_block_luks_find_key does.
 func (h *Header) Unlock(r io.ReaderAt, base int64, password []byte) (*SectorCipher, error) {
-	newHash, err := lookupHash(h.Spec.HashAlg)
-	if err != nil {
+	if err := h.checkDigestIters(); err != nil {
 		return nil, err
 	}
-	if h.MKDigestIter > MaxIterations {
-		return nil, fmt.Errorf("LUKS master key digest iterations %d exceed imgfs's limit %d: %w", h.MKDigestIter, MaxIterations, formats.ErrUnsupported)
-	}
-	for i, s := range h.Slots {
-		if s.Active != slotActive {
-			continue
-		}
-		if s.Iterations > MaxIterations {
-			return nil, fmt.Errorf("LUKS key slot %d iterations %d exceed imgfs's limit %d: %w", i, s.Iterations, MaxIterations, formats.ErrUnsupported)
-		}
-		mk, err := h.slotKey(r, base, s, password, newHash)
+	for i := range h.Slots {
+		mk, err := h.openSlot(r, base, i, password)
 		if err != nil {
-			return nil, fmt.Errorf("LUKS key slot %d: %w", i, err)
+			return nil, err
 		}
-		digest := pbkdf2.Key(mk, h.MKDigestSalt[:], int(h.MKDigestIter), digestLen, newHash)
-		if subtle.ConstantTimeCompare(digest, h.MKDigest[:]) == 1 {
+		if mk != nil {
 			return NewSectorCipher(h.Spec, mk)
 		}
 	}
 	return nil, &formats.Error{Msg: "Invalid password, cannot unlock any keyslot", Kind: ErrInvalidPassword}
+}
+
+func (h *Header) checkDigestIters() error {
+	if h.MKDigestIter > MaxIterations {
+		return fmt.Errorf("LUKS master key digest iterations %d exceed imgfs's limit %d: %w", h.MKDigestIter, MaxIterations, formats.ErrUnsupported)
+	}
+	return nil
+}
+
+// openSlot is qcrypto_block_luks_load_key: the master key key slot i
+// yields for password, or nil when the slot is inactive or password
+// does not open it.
+func (h *Header) openSlot(r io.ReaderAt, base int64, i int, password []byte) ([]byte, error) {
+	s := h.Slots[i]
+	if s.Active != slotActive {
+		return nil, nil
+	}
+	if s.Iterations > MaxIterations {
+		return nil, fmt.Errorf("LUKS key slot %d iterations %d exceed imgfs's limit %d: %w", i, s.Iterations, MaxIterations, formats.ErrUnsupported)
+	}
+	newHash, err := lookupHash(h.Spec.HashAlg)
+	if err != nil {
+		return nil, err
+	}
+	mk, err := h.slotKey(r, base, s, password, newHash)
+	if err != nil {
+		return nil, fmt.Errorf("LUKS key slot %d: %w", i, err)
+	}
+	digest := pbkdf2.Key(mk, h.MKDigestSalt[:], int(h.MKDigestIter), digestLen, newHash)
+	if subtle.ConstantTimeCompare(digest, h.MKDigest[:]) != 1 {
+		return nil, nil
+	}
+	return mk, nil
 }
 
 // slotKey derives the candidate master key slot s yields for password:
@@ -59,14 +81,51 @@ func (h *Header) slotKey(r io.ReaderAt, base int64, s KeySlot, password []byte, 
 	if err != nil {
 		return nil, err
 	}
-	// KeyBytes is at most 64 (ParseHeader accepts AES keys only), so this
-	// is at most 256000 bytes.
+	// KeyBytes is at most 64 (ParseHeader accepts no longer keys), so
+	// this is at most 256000 bytes.
 	split := make([]byte, n*Stripes)
 	if _, err := r.ReadAt(split, base+int64(s.KeyOffset)*SectorSize); err != nil {
 		return nil, fmt.Errorf("reading key material at sector %d: %w", s.KeyOffset, err)
 	}
 	c.Decrypt(split, 0)
 	return afMerge(newHash, split, Stripes), nil
+}
+
+// storeKey is qcrypto_block_luks_store_key: it puts master key mk into
+// key slot i, opened by password with iterations benchmarked to cost
+// iterTime milliseconds, writing the key material and then the header.
+func (h *Header) storeKey(w io.WriterAt, base int64, i int, password, mk []byte, iterTime uint64) error {
+	newHash, err := lookupHash(h.Spec.HashAlg)
+	if err != nil {
+		return err
+	}
+	slot := &h.Slots[i]
+	rand.Read(slot.Salt[:])
+	keyLen := int(h.KeyBytes)
+	iters, err := scaledIters(newHash, password, keyLen, iterTime)
+	if err != nil {
+		return err
+	}
+	slot.Iterations = uint32(max(iters, minSlotIters))
+	slotCipher, err := NewSectorCipher(h.Spec, pbkdf2.Key(password, slot.Salt[:], int(slot.Iterations), keyLen, newHash))
+	if err != nil {
+		return err
+	}
+	random := make([]byte, (Stripes-1)*keyLen)
+	rand.Read(random)
+	split := afSplit(newHash, mk, random, Stripes)
+	slotCipher.Encrypt(split, 0)
+	if _, err := w.WriteAt(split, base+int64(slot.KeyOffset)*SectorSize); err != nil {
+		return err
+	}
+	slot.Active = slotActive
+	return h.store(w, base)
+}
+
+// store writes the header.
+func (h *Header) store(w io.WriterAt, base int64) error {
+	_, err := w.WriteAt(h.Encode(), base)
+	return err
 }
 
 // DefaultIterTime is QEMU's default iter-time: the milliseconds of PBKDF2
@@ -79,7 +138,7 @@ const DefaultIterTime = 2000
 // returns the header (whose PayloadOffset tells where the data starts)
 // and the master key's cipher.
 func Format(w io.WriterAt, base int64, spec Spec, password []byte, iterTime uint64) (*Header, *SectorCipher, error) {
-	if err := spec.validate(); err != nil {
+	if err := spec.validateCreate(); err != nil {
 		return nil, nil, err
 	}
 	newHash, _ := lookupHash(spec.HashAlg)
@@ -114,27 +173,7 @@ func Format(w io.WriterAt, base int64, spec Spec, password []byte, iterTime uint
 	region, _ := RegionSize(spec)
 	h.PayloadOff = uint32(region / SectorSize)
 
-	slot := &h.Slots[0]
-	rand.Read(slot.Salt[:])
-	iters, err = scaledIters(newHash, password, keyLen, iterTime)
-	if err != nil {
-		return nil, nil, err
-	}
-	slot.Iterations = uint32(max(iters, minSlotIters))
-	slot.Active = slotActive
-	slotCipher, err := NewSectorCipher(spec, pbkdf2.Key(password, slot.Salt[:], int(slot.Iterations), keyLen, newHash))
-	if err != nil {
-		return nil, nil, err
-	}
-	random := make([]byte, (Stripes-1)*keyLen)
-	rand.Read(random)
-	split := afSplit(newHash, mk, random, Stripes)
-	slotCipher.Encrypt(split, 0)
-
-	if _, err := w.WriteAt(h.Encode(), base); err != nil {
-		return nil, nil, err
-	}
-	if _, err := w.WriteAt(split, base+int64(slot.KeyOffset)*SectorSize); err != nil {
+	if err := h.storeKey(w, base, 0, password, mk, iterTime); err != nil {
 		return nil, nil, err
 	}
 	c, err := NewSectorCipher(spec, mk)

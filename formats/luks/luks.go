@@ -25,6 +25,7 @@ func init() {
 		Open:          open,
 		Create:        create,
 		CreateOptions: createOptions,
+		AmendOptions:  amendOptions,
 		Measure:       measure,
 	})
 }
@@ -42,7 +43,7 @@ type Image struct {
 
 	// mu serialises writes: a write of part of a sector reads, changes
 	// and rewrites the whole sector, which must not interleave with
-	// another write to it.
+	// another write to it. Amend holds it while it changes hdr.
 	mu sync.Mutex
 }
 
@@ -52,6 +53,7 @@ var (
 	_ formats.Zeroer           = (*Image)(nil)
 	_ formats.AllocatedSizer   = (*Image)(nil)
 	_ formats.ZeroInitReporter = (*Image)(nil)
+	_ formats.Amender          = (*Image)(nil)
 )
 
 func open(f *formats.File, o *formats.OpenOptions) (formats.Image, error) {
@@ -79,7 +81,10 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 	if o.NoIO {
 		return img, nil
 	}
-	password, err := lookupSecret(o.KeySecret, o.Secrets)
+	if o.KeySecret == "" {
+		return nil, formats.Errorf(formats.ErrInvalidOption, "Parameter 'key-secret' is required for cipher")
+	}
+	password, err := lookupSecretData(o.KeySecret, o.Secrets)
 	if err != nil {
 		return nil, err
 	}
@@ -89,12 +94,9 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 	return img, nil
 }
 
-// lookupSecret returns the data of secret id, with QEMU's messages for a
-// missing option or object.
-func lookupSecret(id string, secrets map[string][]byte) ([]byte, error) {
-	if id == "" {
-		return nil, formats.Errorf(formats.ErrInvalidOption, "Parameter 'key-secret' is required for cipher")
-	}
+// lookupSecretData returns the data of the --object secret id, with
+// QEMU's message when there is none.
+func lookupSecretData(id string, secrets map[string][]byte) ([]byte, error) {
 	data, ok := secrets[id]
 	if !ok {
 		return nil, formats.Errorf(formats.ErrInvalidOption, "No secret with id '%s'", id)
@@ -226,8 +228,27 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 	return formats.Extent{Length: min(length, img.size-off), Status: formats.StatusData}, nil
 }
 
+// Amend adds or erases key slots (block_crypto_amend_options_luks).
+func (img *Image) Amend(o *formats.Options, force bool, _ func(done, total int64)) error {
+	if img.readOnly {
+		return formats.ErrReadOnly
+	}
+	p, err := ParseAmendOptions(o, "")
+	if err != nil {
+		return err
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	if err := img.hdr.Amend(img.f, 0, img.c, p, o.Secrets, force); err != nil {
+		return err
+	}
+	return img.f.Sync()
+}
+
 // Describe reports the header as qemu-img info shows it.
 func (img *Image) Describe() (*formats.Description, error) {
+	img.mu.Lock()
+	defer img.mu.Unlock()
 	return &formats.Description{
 		Encrypted:      true,
 		HasDirtyFlag:   true,

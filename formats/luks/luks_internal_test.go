@@ -105,19 +105,39 @@ func TestSectorCipherRoundTrip(t *testing.T) {
 }
 
 func TestSpecErrors(t *testing.T) {
+	spec := func(alg, mode, ivgen, ivhash, hash string) Spec {
+		return Spec{CipherAlg: alg, CipherMode: mode, IVGenAlg: ivgen, IVGenHashAlg: ivhash, HashAlg: hash}
+	}
 	tests := []struct {
 		spec Spec
 		want string
 	}{
-		{Spec{CipherAlg: "twofish-256", CipherMode: "xts", IVGenAlg: "plain64", HashAlg: "sha256"}, "Cipher algorithm 'twofish-256' not supported"},
-		{Spec{CipherAlg: "aes-256", CipherMode: "ecb", IVGenAlg: "plain64", HashAlg: "sha256"}, "Cipher mode 'ecb' not supported"},
-		{Spec{CipherAlg: "aes-256", CipherMode: "xts", IVGenAlg: "plain65", HashAlg: "sha256"}, "IV generator 'plain65' not supported"},
-		{Spec{CipherAlg: "aes-256", CipherMode: "xts", IVGenAlg: "essiv", IVGenHashAlg: "sha257", HashAlg: "sha256"}, "Hash algorithm 'sha257' not supported"},
-		{Spec{CipherAlg: "aes-256", CipherMode: "xts", IVGenAlg: "plain64", HashAlg: "ripemd160"}, "Hash algorithm 'ripemd160' not supported"},
+		{spec("des", "cbc", "plain64", "", "sha256"), "Algorithm 'des' not supported"},
+		{spec("3des", "xts", "plain64", "", "sha256"), "Algorithm '3des' not supported"},
+		{spec("cast5-128", "xts", "plain64", "", "sha256"), "Unsupported cipher mode xts"},
+		{spec("aes-256", "xts", "plain65", "", "sha256"), "IV generator 'plain65' not supported"},
+		{spec("aes-256", "xts", "essiv", "sha257", "sha256"), "Hash algorithm 'sha257' not supported"},
+		{spec("aes-128", "xts", "essiv", "sha1", "sha256"), "No AES cipher with key size 20 available"},
+		{spec("serpent-256", "cbc", "essiv", "sha384", "sha256"), "No Serpent cipher with key size 48 available"},
+		{spec("twofish-192", "xts", "essiv", "ripemd160", "sha256"), "No Twofish cipher with key size 20 available"},
+		{spec("cast5-128", "cbc", "essiv", "sha256", "sha256"), "Cipher cast5-128 not supported with essiv"},
+		{spec("aes-256", "xts", "plain64", "", "whirlpool"), "Hash algorithm 'whirlpool' not supported"},
+		{spec("aes-192", "cbc", "plain64", "", "sha256"), "Key material of 96000 bytes for aes-192 in mode cbc is not a whole number of sectors, which QEMU cannot encrypt"},
 	}
 	for _, tc := range tests {
-		if err := tc.spec.validate(); err == nil || err.Error() != tc.want {
+		if err := tc.spec.validateCreate(); err == nil || err.Error() != tc.want {
 			t.Errorf("%+v: %v, want %q", tc.spec, err, tc.want)
+		}
+	}
+	for _, ok := range []Spec{
+		spec("cast5-128", "cbc", "essiv", "md5", "ripemd160"),
+		spec("serpent-128", "xts", "essiv", "sha256", "md5"),
+		spec("twofish-256", "ctr", "plain", "", "sha512"),
+		spec("aes-192", "xts", "essiv", "sha256", "sha224"),
+		spec("serpent-192", "ecb", "plain64", "md5", "sha384"),
+	} {
+		if err := ok.validate(); err != nil {
+			t.Errorf("%+v: %v", ok, err)
 		}
 	}
 }

@@ -88,11 +88,14 @@ var createOpts = []string{
 
 // qemuCreateOpts are the variants qemu-img creates: fewer, as each
 // costs QEMU over a second of PBKDF2 benchmark. Between them they cover
-// both modes, all IV generators but plain, and AES-128, 192 and 256.
+// every cipher family and mode, all IV generators and some hashes; TestCipherMatrixAgainstQEMU covers the rest through
+// images qemu-io writes.
 var qemuCreateOpts = []string{
 	"",
-	"cipher-mode=cbc,ivgen-alg=essiv,cipher-alg=aes-128",
 	"ivgen-alg=essiv,cipher-alg=aes-192",
+	"cipher-alg=serpent-256,cipher-mode=cbc,ivgen-alg=essiv,hash-alg=sha512",
+	"cipher-alg=twofish-128,cipher-mode=ctr,ivgen-alg=plain,hash-alg=ripemd160",
+	"cipher-alg=cast5-128,cipher-mode=ecb,hash-alg=md5",
 }
 
 func TestReadsQEMUImages(t *testing.T) {
@@ -261,7 +264,7 @@ func TestConvertToLUKS(t *testing.T) {
 	err = control.Convert(context.Background(), control.ConvertOptions{
 		Sources: []formats.Image{in}, Target: target, TargetFormat: "luks",
 		Options: "key-secret=sec0,iter-time=10", Secrets: secrets, Workers: 8, SparseSize: 4096,
-		OpenTarget: func(bool) (formats.Image, error) {
+		OpenTarget: func(control.CacheMode) (formats.Image, error) {
 			return formats.Open(target, formats.OpenOptions{Format: "luks", Secrets: secrets, KeySecret: "sec0"})
 		},
 	})
@@ -278,16 +281,31 @@ func TestMeasure(t *testing.T) {
 	if testing.Short() {
 		t.Skip("qemu-img spends seconds benchmarking PBKDF2 for each measure")
 	}
-	for _, o := range []string{",cipher-alg=aes-128,cipher-mode=cbc"} {
-		res, err := control.Measure(control.MeasureOptions{Format: "luks", Options: "key-secret=sec0" + o,
-			Secrets: secrets, Size: 1000})
-		if err != nil {
-			t.Fatal(err)
-		}
-		want := qemuRetry(t, "measure", "--object", secretObj, "--output=json", "-O", "luks", "-o", "key-secret=sec0"+o, "--size", "1000")
-		if got := res.JSON(); got != want {
-			t.Errorf("measure %s:\n%s\nqemu-img:\n%s", o, got, want)
-		}
+	// A source's size is rounded up to a sector, --size is not.
+	src := filepath.Join(t.TempDir(), "src.raw")
+	if err := os.WriteFile(src, make([]byte, 1000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	in, err := formats.Open(src, formats.OpenOptions{Format: "raw", ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	// One case: each costs qemu-img a PBKDF2 benchmark.
+	opts := "key-secret=sec0,cipher-alg=serpent-128,cipher-mode=ctr"
+	res, err := control.Measure(control.MeasureOptions{Format: "luks", Options: opts, Secrets: secrets, Size: -1, Source: in})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := qemuRetry(t, "measure", "--object", secretObj, "--output=json", "-O", "luks", "-o", opts, "-f", "raw", src)
+	if got := res.JSON(); got != want {
+		t.Errorf("measure %s:\n%s\nqemu-img:\n%s", opts, got, want)
+	}
+	if res, err = control.Measure(control.MeasureOptions{Format: "luks", Options: opts, Secrets: secrets, Size: 1000}); err != nil {
+		t.Fatal(err)
+	}
+	if res.Required != 528384+1000 || res.FullyAllocated != res.Required {
+		t.Errorf("measure --size 1000: %+v, want the 528384-byte header and 1000", res)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"os"
 
 	"github.com/imgfs/imgfs/formats"
 )
@@ -99,12 +100,32 @@ func (img *Image) Check(ctx context.Context, mode formats.CheckMode, report func
 }
 
 // setEntry writes catalog entry i. The caller holds mu exclusively.
+//
+// Like parallels_co_flush_to_os it writes the whole piece of header and
+// catalog (batBlock bytes, cut at the catalog's end) that holds the
+// entry: the same file blocks get written, so the file's allocation
+// stays the same as with QEMU.
 func (img *Image) setEntry(i int64, e uint32) error {
-	var b [4]byte
-	binary.LittleEndian.PutUint32(b[:], e)
-	if _, err := img.f.WriteAt(b[:], headerSize+4*i); err != nil {
+	old := img.bat[i]
+	img.bat[i] = e
+	block := int64(batBlock())
+	start := (headerSize + 4*i) / block * block
+	buf := make([]byte, min(block, headerSize+4*int64(len(img.bat))-start))
+	pos := start
+	if pos < headerSize {
+		pos += int64(copy(buf, img.hdr.encode()[pos:]))
+	}
+	for j := (pos - headerSize) / 4; pos < start+int64(len(buf)); j++ {
+		binary.LittleEndian.PutUint32(buf[pos-start:], img.bat[j])
+		pos += 4
+	}
+	if _, err := img.f.WriteAt(buf, start); err != nil {
+		img.bat[i] = old
 		return err
 	}
-	img.bat[i] = e
 	return nil
 }
+
+// batBlock is QEMU's bat_dirty_block, the unit in which it writes the
+// catalog back: four host pages.
+func batBlock() int { return 4 * os.Getpagesize() }

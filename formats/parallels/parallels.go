@@ -29,19 +29,26 @@ const (
 	// maxImageFactor bounds the virtual size by the cluster size as QEMU's
 	// MAX_PARALLELS_IMAGE_FACTOR does (a catalog of 32-bit entries).
 	maxImageFactor = 1 << 32
-	// preallocSize is how far past the data an allocation grows the file
-	// at once, QEMU's prealloc-size default; the file is trimmed back to
-	// the data on close.
-	preallocSize = 1 << 20
 )
+
+// runtimeOptions are parallels_runtime_opts: how far past the data an
+// allocation grows the file at once (the file is trimmed back to the
+// data on close), and whether the growth is allocated (falloc) or left
+// sparse (truncate).
+var runtimeOptions = []formats.OptionSpec{
+	{Name: "prealloc-size", Type: formats.OptSize, Help: "Preallocation size on image expansion", Default: "128M"},
+	{Name: "prealloc-mode", Type: formats.OptString, Default: "falloc", Values: []string{"falloc", "truncate"},
+		Help: "Preallocation mode on image expansion (allowed values: falloc, truncate)"},
+}
 
 func init() {
 	formats.Register(&formats.Driver{
-		Name:          "parallels",
-		Probe:         probe,
-		Open:          open,
-		Create:        create,
-		CreateOptions: createOptions,
+		Name:           "parallels",
+		Probe:          probe,
+		Open:           open,
+		Create:         create,
+		CreateOptions:  createOptions,
+		RuntimeOptions: runtimeOptions,
 	})
 }
 
@@ -96,6 +103,11 @@ type Image struct {
 	// unclean: the header said in use when the image was opened (a
 	// program did not close it); Check reports and repairs it.
 	unclean bool
+	// prealloc is how many bytes past a new cluster the file grows when
+	// the cluster does not fit (prealloc-size, at least one cluster);
+	// truncate grows it sparse instead of allocating (prealloc-mode).
+	prealloc int64
+	truncate bool
 
 	// mu guards hdr, bat and dataEnd: lookups hold it shared, allocating
 	// writes exclusively.
@@ -149,6 +161,9 @@ func load(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 		cluster:  int64(h.Tracks) * sectorSize,
 		mult:     1,
 		hdr:      h,
+	}
+	if err := img.setRuntime(o); err != nil {
+		return nil, err
 	}
 	if m == magicExt {
 		img.mult = int64(h.Tracks)
@@ -209,6 +224,19 @@ func load(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 	return img, nil
 }
 
+// setRuntime applies the runtime options as parallels_open does: the
+// preallocation counts whole sectors and is at least one cluster.
+func (img *Image) setRuntime(o *formats.OpenOptions) error {
+	rt, err := o.RuntimeValues(runtimeOptions)
+	if err != nil {
+		return err
+	}
+	size, _ := rt.Uint("prealloc-size")
+	img.prealloc = max(int64(min(size/sectorSize, math.MaxInt64/sectorSize))*sectorSize, img.cluster)
+	img.truncate = rt.String("prealloc-mode") == "truncate"
+	return nil
+}
+
 // writeHeader writes the header and makes it durable, as
 // parallels_update_header does before data depends on it.
 func (img *Image) writeHeader() error {
@@ -265,9 +293,11 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 }
 
 // allocate writes data (within one cluster) at guest offset off into a
-// new cluster at the end of the data, as allocate_clusters does: the file
-// grows by the cluster plus preallocSize when the cluster does not fit,
-// the cluster is zeroed, the data written, and then the catalog entry.
+// new cluster at the end of the data, as allocate_clusters does: when the
+// cluster does not fit, the file grows by it plus the preallocation,
+// allocated with zeroes or (prealloc-mode=truncate) sparse; a cluster
+// within the file is zeroed the same way, in case the file holds stale
+// bytes there. Then the data is written, and then the catalog entry.
 func (img *Image) allocate(off int64, data []byte) error {
 	img.mu.Lock()
 	defer img.mu.Unlock()
@@ -287,15 +317,27 @@ func (img *Image) allocate(off int64, data []byte) error {
 	if err != nil {
 		return err
 	}
-	zeroLen := img.cluster
-	if start+img.cluster > fileSize {
-		zeroLen += max(preallocSize, img.cluster)
-	}
-	if err := img.f.ZeroRange(start, zeroLen); err != nil {
-		// Filesystems without FALLOC_FL_ZERO_RANGE: write the zeroes.
-		if err := writeZeroes(img.f, start, img.cluster); err != nil {
-			return err
+	grow := start+img.cluster > fileSize
+	switch {
+	case img.truncate && grow:
+		err = img.f.Truncate(start + img.cluster + img.prealloc)
+	case img.truncate:
+		if img.f.PunchHole(start, img.cluster) != nil {
+			err = writeZeroes(img.f, start, img.cluster)
 		}
+	default:
+		n := img.cluster
+		if grow {
+			n += img.prealloc
+		}
+		if img.f.ZeroRange(start, n) != nil {
+			// Filesystems without FALLOC_FL_ZERO_RANGE: write the
+			// zeroes of the cluster itself.
+			err = writeZeroes(img.f, start, img.cluster)
+		}
+	}
+	if err != nil {
+		return err
 	}
 	if _, err := img.f.WriteAt(data, start+off%img.cluster); err != nil {
 		return err

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"fmt"
 	"io"
-	"sync"
 	"syscall"
 
 	"github.com/imgfs/imgfs/formats"
@@ -16,16 +15,17 @@ import (
 // further back.
 const deflateWindow = 4096
 
-// Compressors and decompressors are pooled; each is reset per cluster.
+// Compressors and decompressors are kept for reuse; each is reset per
+// cluster.
 var (
-	deflateWriters = sync.Pool{New: func() any {
+	deflateWriters = formats.NewFreeList(func() *flate.Writer {
 		w, err := flate.NewWriterWindow(io.Discard, deflateWindow)
 		if err != nil {
 			panic(err) // deflateWindow is a valid constant window
 		}
 		return w
-	}}
-	deflateReaders = sync.Pool{New: func() any { return flate.NewReader(bytes.NewReader(nil)) }}
+	})
+	deflateReaders = formats.NewFreeList(func() io.ReadCloser { return flate.NewReader(bytes.NewReader(nil)) })
 )
 
 // limitWriter appends to buf but fails once it would reach max bytes, so
@@ -58,7 +58,7 @@ func (img *Image) Compress(dst, src []byte) ([]byte, bool) {
 		copy(padded, src)
 		src = padded
 	}
-	w := deflateWriters.Get().(*flate.Writer)
+	w := deflateWriters.Get()
 	defer deflateWriters.Put(w)
 	lw := &limitWriter{buf: dst[:0], max: int(img.clusterSize)}
 	w.Reset(lw)
@@ -88,7 +88,7 @@ func (img *Image) readCompressed(e uint64, pos int64) ([]byte, error) {
 	if _, err := img.f.ReadAt(src, int64(host)); err != nil {
 		return nil, fmt.Errorf("%s: reading compressed cluster at host offset %#x: %w", img.f.Name(), host, err)
 	}
-	r := deflateReaders.Get().(io.ReadCloser)
+	r := deflateReaders.Get()
 	defer deflateReaders.Put(r)
 	out := make([]byte, img.clusterSize)
 	err := r.(flate.Resetter).Reset(bytes.NewReader(src), nil)

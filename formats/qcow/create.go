@@ -19,46 +19,51 @@ var createOptions = []formats.OptionSpec{
 // whole sectors. Images with a backing file get 512-byte clusters (so a
 // partial write never needs the backing data) and 32 KiB L2 tables,
 // others 4 KiB of both. The backing format is checked but not stored.
+// The checks come in QEMU's order: those before the file is created
+// leave none behind, the later ones an empty file.
 func create(filename string, o *formats.Options) error {
 	if bf := o.String("backing_fmt"); bf != "" && formats.Lookup(bf) == nil {
 		return formats.Errorf(formats.ErrInvalidOption, "unrecognized backing format '%s'", bf)
 	}
-	encrypt := o.Bool("encryption")
-	switch v := o.String("encrypt.format"); v {
-	case "":
-	case "aes":
-		encrypt = true
-	default:
-		return formats.Errorf(formats.ErrInvalidOption, "Unsupported encryption format")
+	if err := CheckEncryptAlias(o); err != nil {
+		return err
 	}
 	f, err := formats.CreateProtocolFile(filename, o)
 	if err != nil {
 		return err
 	}
-	err = createOn(f, o, encrypt)
+	err = createOn(f, o)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
 	return err
 }
 
-func createOn(f *formats.File, o *formats.Options, encrypt bool) error {
+func createOn(f *formats.File, o *formats.Options) error {
+	format, err := EncryptFormat(o)
+	if err != nil {
+		return err
+	}
 	n, _ := o.Uint("size")
 	if n == 0 {
 		return formats.Errorf(formats.ErrInvalidOption, "Image size is too small, cannot be zero length")
 	}
-	if encrypt {
+	switch format {
+	case "":
+	case "aes":
 		// The legacy scheme stores nothing but the method: the secret
-		// only has to exist.
-		if _, err := newSectorCipher(o.String("encrypt.key-secret"), o.Secrets); err != nil {
+		// only has to be usable.
+		if _, err := NewLegacyCipher(o.String("encrypt.key-secret"), o.Secrets); err != nil {
 			return err
 		}
+	default:
+		return formats.Errorf(formats.ErrInvalidOption, "Unsupported encryption format")
 	}
 	if n > 1<<63-512 {
 		return formats.Errorf(formats.ErrInvalidOption, "Image size is too large")
 	}
 	h := &Header{Magic: magic, Version: version, Size: (n + 511) &^ 511, ClusterBits: 12, L2Bits: 9}
-	if encrypt {
+	if format == "aes" {
 		h.CryptMethod = cryptAES
 	}
 	hsize := uint64(headerSize)

@@ -18,6 +18,7 @@ import (
 	"syscall"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/luks"
 )
 
 func init() {
@@ -28,6 +29,9 @@ func init() {
 		Create:        create,
 		CreateOptions: createOptions,
 		CanCompress:   true,
+		RuntimeOptions: []formats.OptionSpec{
+			{Name: "encrypt.format", Type: formats.OptString, Help: "Encryption data format"},
+		},
 	})
 }
 
@@ -58,7 +62,7 @@ type Image struct {
 	backingName string
 	backing     formats.Image
 	// crypt is set for encrypted images opened for I/O.
-	crypt *sectorCipher
+	crypt *luks.SectorCipher
 
 	// mu guards l1, the L2 cache and every change of the file's layout:
 	// lookups hold it while they read the tables, allocating writes for
@@ -122,9 +126,12 @@ func load(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 	if err := h.validate(fileSize); err != nil {
 		return nil, err
 	}
-	var crypt *sectorCipher
+	if err := checkEncryptFormat(h, o); err != nil {
+		return nil, err
+	}
+	var crypt *luks.SectorCipher
 	if h.CryptMethod == cryptAES && !o.NoIO {
-		if crypt, err = newSectorCipher(o.KeySecret, o.Secrets); err != nil {
+		if crypt, err = NewLegacyCipher(o.KeySecret, o.Secrets); err != nil {
 			return nil, err
 		}
 	}
@@ -283,7 +290,7 @@ func (img *Image) readCluster(p []byte, pos int64) error {
 	if _, err := img.f.ReadAt(buf, int64(e)+start); err != nil {
 		return err
 	}
-	img.crypt.decrypt(buf, pos-inCluster+start)
+	img.crypt.Decrypt(buf, uint64(pos-inCluster+start)/luks.SectorSize)
 	copy(p, buf[inCluster-start:])
 	return nil
 }
@@ -358,7 +365,7 @@ func (img *Image) writeEncrypted(p []byte, off int64) (int, error) {
 			return 0, err
 		}
 		piece := buf[done : done+k]
-		img.crypt.encrypt(piece, pos)
+		img.crypt.Encrypt(piece, uint64(pos)/luks.SectorSize)
 		if _, err := img.f.WriteAt(piece, host+inCluster); err != nil {
 			return 0, err
 		}
@@ -418,7 +425,7 @@ func (img *Image) writableCluster(pos, n int64) (int64, error) {
 	if old != nil && img.crypt != nil {
 		// A copy: old may be the cached inflated cluster.
 		old = append([]byte(nil), old...)
-		img.crypt.encrypt(old, pos&^(img.clusterSize-1))
+		img.crypt.Encrypt(old, uint64(pos&^(img.clusterSize-1))/luks.SectorSize)
 	}
 	t, l2off, err := img.writableL2(pos)
 	if err != nil {

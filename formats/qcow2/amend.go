@@ -44,6 +44,8 @@ type amendPlan struct {
 	dataFileRaw  bool
 	lazy         bool
 	refcountBits uint64
+	// crypt is set when encrypt.* options change LUKS key slots.
+	crypt *cryptAmend
 }
 
 func (img *Image) readAmendOptions(o *formats.Options) (*amendPlan, error) {
@@ -103,11 +105,10 @@ func (img *Image) readAmendOptions(o *formats.Options) (*amendPlan, error) {
 				return nil, bad("data-file-raw cannot be set on existing images")
 			}
 		case strings.HasPrefix(name, "encrypt."):
-			if img.crypt == nil {
-				return nil, bad("Can't amend encryption options - encryption not present")
+			if err := img.checkCryptAmend(); err != nil {
+				return nil, err
 			}
-			// LUKS keyslot management is not implemented.
-			return nil, errorf(formats.ErrUnsupported, "qcow2: amending encryption options is not supported")
+			p.crypt = &cryptAmend{opts: o}
 		}
 	}
 	return p, nil
@@ -120,9 +121,15 @@ func (img *Image) Amend(o *formats.Options, force bool, progress func(done, tota
 	if err != nil {
 		return err
 	}
+	if p.crypt != nil {
+		p.crypt.force = force
+	}
 	img.mu.Lock()
 	pr := &amendProgress{cb: progress}
 	if p.version != img.hdr.Version {
+		pr.total++
+	}
+	if p.crypt != nil {
 		pr.total++
 	}
 	if p.refcountBits != uint64(img.lay.RefcountBits) {
@@ -160,6 +167,14 @@ func (img *Image) amendHeader(p *amendPlan, pr *amendProgress) error {
 	if p.version > h.Version {
 		pr.current = opUpgrading
 		if err := img.upgrade(pr.report); err != nil {
+			return err
+		}
+	}
+	if p.crypt != nil {
+		// Key slots change after an upgrade and before the refcount
+		// width, as in QEMU; the step reports no progress.
+		pr.current = opUpdatingEncryption
+		if err := img.amendEncryption(p.crypt); err != nil {
 			return err
 		}
 	}
@@ -445,6 +460,7 @@ const (
 	opNone = iota
 	opUpgrading
 	opRefcountOrder
+	opUpdatingEncryption
 	opDowngrading
 )
 

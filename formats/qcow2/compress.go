@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"runtime"
 	"sync"
 
 	"github.com/imgfs/imgfs/formats"
@@ -15,26 +16,33 @@ import (
 // QEMU cannot read streams that refer further back.
 const deflateWindow = 4096
 
-// Pools of compressors and decompressors; each is reset per cluster.
+// Compressors and decompressors are kept for reuse; each is reset per
+// cluster.
 var (
-	deflateWriters = sync.Pool{New: func() any {
+	deflateWriters = formats.NewFreeList(func() *flate.Writer {
 		w, err := flate.NewWriterWindow(io.Discard, deflateWindow)
 		if err != nil {
 			panic(err) // deflateWindow is a valid constant window
 		}
 		return w
-	}}
-	deflateReaders = sync.Pool{New: func() any { return flate.NewReader(bytes.NewReader(nil)) }}
-	zstdReaders    = sync.Pool{New: func() any {
+	})
+	deflateReaders = formats.NewFreeList(func() io.ReadCloser { return flate.NewReader(bytes.NewReader(nil)) })
+	zstdReaders    = formats.NewFreeList(func() *zstd.Decoder {
 		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(64<<20))
 		if err != nil {
-			return err
+			panic(err) // the options are valid constants
 		}
 		return d
-	}}
-	zstdEncoderOnce sync.Once
-	zstdEncoder     *zstd.Encoder
-	zstdEncoderErr  error
+	})
+	// One zstd encoder at its fastest level, able to run on every core
+	// at once: EncodeAll runs at most WithEncoderConcurrency encodes at a
+	// time. The fastest level compresses real disk contents about as well
+	// as QEMU's libzstd default (level 3) in less than half the time of
+	// the library's default.
+	zstdEncoder = sync.OnceValues(func() (*zstd.Encoder, error) {
+		return zstd.NewWriter(nil, zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)),
+			zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderCRC(false))
+	})
 )
 
 // sliceWriter appends to a byte slice without growing it past its cap,
@@ -69,16 +77,14 @@ func (img *Image) Compress(dst, src []byte) ([]byte, bool) {
 		src = padded
 	}
 	if img.hdr.CompressionType == CompressionZstd {
-		zstdEncoderOnce.Do(func() {
-			zstdEncoder, zstdEncoderErr = zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1))
-		})
-		if zstdEncoderErr != nil {
+		enc, err := zstdEncoder()
+		if err != nil {
 			return nil, false
 		}
-		out := zstdEncoder.EncodeAll(src, dst[:0])
+		out := enc.EncodeAll(src, dst[:0])
 		return out, len(out) < cs
 	}
-	w := deflateWriters.Get().(*flate.Writer)
+	w := deflateWriters.Get()
 	defer deflateWriters.Put(w)
 	sw := &sliceWriter{buf: dst[:0], max: cs - 1}
 	w.Reset(sw)
@@ -96,11 +102,7 @@ func (img *Image) Compress(dst, src []byte) ([]byte, bool) {
 // may belong to the next compressed cluster.
 func (img *Image) decompress(out, src []byte) error {
 	if img.hdr.CompressionType == CompressionZstd {
-		v := zstdReaders.Get()
-		d, ok := v.(*zstd.Decoder)
-		if !ok {
-			return v.(error)
-		}
+		d := zstdReaders.Get()
 		defer zstdReaders.Put(d)
 		if err := d.Reset(bytes.NewReader(src)); err != nil {
 			return err
@@ -108,7 +110,7 @@ func (img *Image) decompress(out, src []byte) error {
 		_, err := io.ReadFull(d, out)
 		return err
 	}
-	r := deflateReaders.Get().(io.ReadCloser)
+	r := deflateReaders.Get()
 	defer deflateReaders.Put(r)
 	if err := r.(flate.Resetter).Reset(bytes.NewReader(src), nil); err != nil {
 		return err

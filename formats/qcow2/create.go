@@ -3,11 +3,11 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
-	"github.com/imgfs/imgfs/formats/luks"
 	"math/bits"
 	"os"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/qcow"
 )
 
 // createOptions are qcow2's -o options in QEMU 7.2's table order (the
@@ -51,7 +51,7 @@ type createParams struct {
 	backingFmt    string
 	dataFile      string
 	dataFileRaw   bool
-	crypt         *luks.CreateParams // nil: not encrypted
+	crypt         *cryptParams // nil: not encrypted
 }
 
 // parseCreateOptions checks the options in the order QEMU 7.2 does (the
@@ -60,6 +60,10 @@ func parseCreateOptions(o *formats.Options) (*createParams, error) {
 	bad := func(format string, args ...any) error {
 		return errorf(formats.ErrInvalidOption, format, args...)
 	}
+	// QEMU renames the legacy encryption option before it parses any.
+	if err := qcow.CheckEncryptAlias(o); err != nil {
+		return nil, err
+	}
 	p := &createParams{version: 3}
 	switch v := o.String("compat"); v {
 	case "", "1.1", "v3":
@@ -67,6 +71,10 @@ func parseCreateOptions(o *formats.Options) (*createParams, error) {
 		p.version = 2
 	default:
 		return nil, bad("Parameter 'version' does not accept value '%s'", v)
+	}
+	cryptFormat, err := checkCryptFormat(o)
+	if err != nil {
+		return nil, err
 	}
 	switch v := o.String("preallocation"); v {
 	case "", "off":
@@ -152,7 +160,7 @@ func parseCreateOptions(o *formats.Options) (*createParams, error) {
 		return nil, bad("The image size is too large for file format 'qcow2' (try using a larger cluster size)")
 	}
 	// QEMU sets up encryption last, so its errors come last.
-	crypt, err := parseCryptOptions(o)
+	crypt, err := parseCryptOptions(o, cryptFormat)
 	if err != nil {
 		return nil, err
 	}
@@ -187,6 +195,9 @@ func createFiles(filename string, p *createParams) error {
 	if err != nil {
 		return err
 	}
+	// As qcow2_co_create, which opens the new image BDRV_O_NO_FLUSH: a
+	// half-made image is of no use after a crash anyway.
+	f.SetNoFlush()
 	if p.dataFile != "" {
 		d, err := formats.CreateFile(p.dataFile)
 		if err != nil {
@@ -202,7 +213,7 @@ func createFiles(filename string, p *createParams) error {
 		f.Close()
 		return err
 	}
-	img, err := openImage(f, &formats.OpenOptions{NoBacking: true})
+	img, err := openImage(f, &formats.OpenOptions{NoBacking: true, NoFlush: true})
 	if err != nil {
 		f.Close()
 		return err

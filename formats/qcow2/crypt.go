@@ -3,16 +3,16 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
-	"strings"
 
 	"github.com/imgfs/imgfs/formats"
 	"github.com/imgfs/imgfs/formats/luks"
+	"github.com/imgfs/imgfs/formats/qcow"
 )
 
 // Header crypt_method values.
 const (
 	cryptNone = 0
-	cryptAES  = 1 // legacy qcow AES-CBC, read-only here
+	cryptAES  = 1 // legacy qcow AES-CBC
 	cryptLUKS = 2
 )
 
@@ -23,6 +23,16 @@ type cryptoState struct {
 	hdr *luks.Header
 	// c is nil for metadata-only opens (qemu-img info needs no key).
 	c *luks.SectorCipher
+}
+
+// ivSector is the IV sector of the data at host offset host and guest
+// offset guest: LUKS in qcow2 counts host sectors (QEMU sets
+// crypt_physical_offset for it), legacy AES guest sectors.
+func (cs *cryptoState) ivSector(host, guest uint64) uint64 {
+	if cs.hdr == nil {
+		return guest / luks.SectorSize
+	}
+	return host / luks.SectorSize
 }
 
 // cryptoRegion returns the LUKS header region's host offset and length
@@ -41,23 +51,17 @@ func cryptoRegion(h *Header) (off, length uint64, err error) {
 
 // openCrypto sets up decryption as qcow2_update_options_part2 does;
 // without NoIO the passphrase from o.KeySecret unlocks the volume key
-// (LUKS, crypt_method 2) or is the key (legacy AES, crypt_method 1,
-// which imgfs only reads).
-func openCrypto(f *formats.File, h *Header, o *formats.OpenOptions, readOnly bool) (*cryptoState, error) {
+// (LUKS, crypt_method 2) or is the key (legacy AES, crypt_method 1).
+// qemu-img reads and writes legacy AES images without a warning (only
+// system emulators refuse them).
+func openCrypto(f *formats.File, h *Header, o *formats.OpenOptions) (*cryptoState, error) {
 	switch h.CryptMethod {
 	case cryptLUKS:
 	case cryptAES:
-		if !readOnly {
-			return nil, errorf(formats.ErrUnsupported, "qcow2: writing legacy AES encrypted images is not supported")
-		}
 		if o.NoIO {
 			return &cryptoState{}, nil
 		}
-		password, err := cryptSecret(o)
-		if err != nil {
-			return nil, err
-		}
-		c, err := legacyAESCipher(password)
+		c, err := qcow.NewLegacyCipher(o.KeySecret, o.Secrets)
 		if err != nil {
 			return nil, err
 		}
@@ -103,37 +107,23 @@ func cryptSecret(o *formats.OpenOptions) ([]byte, error) {
 	return password, nil
 }
 
-// legacyAESCipher is QEMU's qcow AES scheme (crypto/block-qcow.c):
-// AES-128-CBC with plain64 IVs, the key the passphrase's first 16 bytes
-// zero-padded, without any key derivation.
-func legacyAESCipher(password []byte) (*luks.SectorCipher, error) {
-	key := make([]byte, 16)
-	copy(key, password)
-	return luks.NewSectorCipher(luks.Spec{CipherAlg: "aes-128", CipherMode: "cbc", IVGenAlg: "plain64", HashAlg: "sha256"}, key)
-}
-
 // readEncrypted reads len(p) guest bytes at guest offset guest stored at
-// host offset host and decrypts them. LUKS in qcow2 uses the host offset
-// as the IV sector (QEMU sets crypt_physical_offset for LUKS), legacy
-// AES the guest offset; whole sectors around the range are read and
-// decrypted.
+// host offset host and decrypts them; whole sectors around the range
+// are read and decrypted. Host and guest offsets share their offset in
+// the cluster, so the sectors line up in both.
 func (img *Image) readEncrypted(p []byte, host, guest uint64) error {
 	if img.crypt.c == nil {
 		return errorf(formats.ErrInvalidOption, "qcow2: image is encrypted and no key was given")
 	}
-	ivBase := host
-	if img.crypt.hdr == nil {
-		ivBase = guest
-	}
-	ivBase &^= luks.SectorSize - 1
-	start := host &^ (luks.SectorSize - 1)
+	head := host & (luks.SectorSize - 1)
+	start := host - head
 	end := (host + uint64(len(p)) + luks.SectorSize - 1) &^ (luks.SectorSize - 1)
 	buf := make([]byte, end-start)
 	if _, err := img.data.ReadAt(buf, int64(start)); err != nil {
 		return fmt.Errorf("%s: reading %d bytes at host offset %#x: %w", img.data.Name(), len(buf), start, err)
 	}
-	img.crypt.c.Decrypt(buf, ivBase/luks.SectorSize)
-	copy(p, buf[host-start:])
+	img.crypt.c.Decrypt(buf, img.crypt.ivSector(start, guest-head))
+	copy(p, buf[head:])
 	return nil
 }
 
@@ -146,66 +136,112 @@ func (cs *cryptoState) describe() formats.Member {
 	return formats.Member{Key: "encrypt", Value: append(formats.Object{{Key: "format", Value: "luks"}}, cs.hdr.Info()...)}
 }
 
-// writeEncrypted encrypts and writes p at host offset host in a cluster
-// the image owns (LUKS only: legacy AES images open read-only). Partial sectors at either end are read and decrypted
-// first, so whole sectors are encrypted with their host sector as IV.
-func (img *Image) writeEncrypted(p []byte, host uint64) error {
-	start := host &^ (luks.SectorSize - 1)
+// writeEncrypted encrypts and writes p, guest bytes at guest offset
+// guest, at host offset host in a cluster the image owns. Partial
+// sectors at either end are read and decrypted first, so that whole
+// sectors are encrypted.
+func (img *Image) writeEncrypted(p []byte, host, guest uint64) error {
+	head := host & (luks.SectorSize - 1)
+	start := host - head
 	end := (host + uint64(len(p)) + luks.SectorSize - 1) &^ (luks.SectorSize - 1)
 	buf := make([]byte, end-start)
-	if head := host - start; head != 0 {
-		if err := img.readEncrypted(buf[:head], start, start); err != nil {
+	if head != 0 {
+		if err := img.readEncrypted(buf[:head], start, guest-head); err != nil {
 			return err
 		}
 	}
 	if tail := host + uint64(len(p)); tail != end {
-		if err := img.readEncrypted(buf[tail-start:], tail, tail); err != nil {
+		if err := img.readEncrypted(buf[tail-start:], tail, guest+uint64(len(p))); err != nil {
 			return err
 		}
 	}
-	copy(buf[host-start:], p)
-	img.crypt.c.Encrypt(buf, start/luks.SectorSize)
+	copy(buf[head:], p)
+	img.crypt.c.Encrypt(buf, img.crypt.ivSector(start, guest-head))
 	if _, err := img.data.WriteAt(buf, int64(start)); err != nil {
 		return fmt.Errorf("%s: writing %d bytes at host offset %#x: %w", img.data.Name(), len(buf), start, err)
 	}
 	return nil
 }
 
-// parseCryptOptions reads the encrypt.* creation options: nil when the
-// image is not to be encrypted, LUKS parameters for encrypt.format=luks.
-func parseCryptOptions(o *formats.Options) (*luks.CreateParams, error) {
-	format := o.String("encrypt.format")
-	if !o.Has("encrypt.format") {
-		if o.Bool("encryption") {
-			format = "aes"
-		} else {
-			for _, s := range o.Specs {
-				if strings.HasPrefix(s.Name, "encrypt.") && o.Has(s.Name) {
-					return nil, errorf(formats.ErrInvalidOption, "Parameter 'encrypt.format' is missing")
-				}
-			}
-			return nil, nil
+// aesUnexpected are the encrypt.* options only LUKS takes, in the order
+// QEMU reports the first one given with encrypt.format=aes: QAPI lists
+// the members it did not use from a glib hash table, whose order this
+// is, except when all of them and the key secret fill the table and it
+// grows, which moves hash-alg first.
+var aesUnexpected = []string{"cipher-alg", "iter-time", "cipher-mode", "ivgen-alg", "hash-alg", "ivgen-hash-alg"}
+
+// checkCryptFormat is the QAPI parsing of the encrypt.* options, which
+// comes between the compat and preallocation options: it returns the
+// requested encryption ("", "aes" or "luks") and refuses LUKS's options
+// with legacy AES.
+func checkCryptFormat(o *formats.Options) (string, error) {
+	format, err := qcow.EncryptFormat(o)
+	if format != "aes" || err != nil {
+		return format, err
+	}
+	var given []string
+	for _, name := range aesUnexpected {
+		if o.Has("encrypt." + name) {
+			given = append(given, name)
 		}
 	}
+	switch {
+	case len(given) == 0:
+		return format, nil
+	case len(given) == len(aesUnexpected) && o.Has("encrypt.key-secret"):
+		given[0] = "hash-alg"
+	}
+	return "", errorf(formats.ErrInvalidOption, "Parameter 'encrypt.%s' is unexpected", given[0])
+}
+
+// cryptParams are the validated encryption of a new image.
+type cryptParams struct {
+	// luks holds the LUKS parameters; nil for legacy AES, which needs
+	// no more than a usable secret.
+	luks *luks.CreateParams
+}
+
+// parseCryptOptions checks what qcow2_set_up_encryption will need for
+// the encryption checkCryptFormat returned: nil when the image is not to
+// be encrypted.
+func parseCryptOptions(o *formats.Options, format string) (*cryptParams, error) {
 	switch format {
-	case "luks":
+	case "":
+		return nil, nil
 	case "aes":
-		return nil, errorf(formats.ErrUnsupported, "qcow2: creating legacy AES encrypted images is not supported")
-	default:
-		return nil, errorf(formats.ErrInvalidOption, "Parameter 'encrypt.format' does not accept value '%s'", format)
+		if _, err := qcow.NewLegacyCipher(o.String("encrypt.key-secret"), o.Secrets); err != nil {
+			return nil, err
+		}
+		return &cryptParams{}, nil
 	}
 	if !o.Has("encrypt.key-secret") {
 		// The LUKS parser names the option without qcow2's prefix.
 		return nil, errorf(formats.ErrInvalidOption, "Parameter 'encrypt.key-secret' is required for cipher")
 	}
-	return luks.ParseCreateOptions(o, "encrypt.")
+	cp, err := luks.ParseCreateOptions(o, "encrypt.")
+	if err != nil {
+		return nil, err
+	}
+	return &cryptParams{luks: cp}, nil
 }
 
-// setUpEncryption formats a new image with LUKS as qcow2_set_up_encryption
+// setUpEncryption is qcow2_set_up_encryption: legacy AES only sets
+// crypt_method 1 in the header, LUKS formats its header region.
+func (img *Image) setUpEncryption(cp *cryptParams) error {
+	if cp.luks == nil {
+		img.mu.Lock()
+		defer img.mu.Unlock()
+		img.hdr.CryptMethod = cryptAES
+		return img.writeHeader()
+	}
+	return img.setUpLUKS(cp.luks)
+}
+
+// setUpLUKS formats a new image with LUKS as qcow2_set_up_encryption
 // does: a zeroed header region of whole clusters allocated after
 // everything else, the LUKS header and key material in it, the header
 // extension pointing at it and crypt_method 2.
-func (img *Image) setUpEncryption(cp *luks.CreateParams) error {
+func (img *Image) setUpLUKS(cp *luks.CreateParams) error {
 	region, err := luks.RegionSize(cp.Spec)
 	if err != nil {
 		return err

@@ -286,8 +286,6 @@ func TestCryptCreateErrors(t *testing.T) {
 		{"encrypt.key-secret=sec0", "Parameter 'encrypt.format' is missing", formats.ErrInvalidOption},
 		{"encrypt.format=luks", "Parameter 'encrypt.key-secret' is required for cipher", formats.ErrInvalidOption},
 		{"encrypt.format=luks,encrypt.key-secret=sec1", "No secret with id 'sec1'", formats.ErrInvalidOption},
-		{"encrypt.format=aes,encrypt.key-secret=sec0", "legacy AES", formats.ErrUnsupported},
-		{"encryption=on,encrypt.key-secret=sec0", "legacy AES", formats.ErrUnsupported},
 	}
 	for _, tc := range tests {
 		name := filepath.Join(t.TempDir(), "c.qcow2")
@@ -298,31 +296,5 @@ func TestCryptCreateErrors(t *testing.T) {
 		if _, err := os.Stat(name); err == nil {
 			t.Errorf("%s: the file was left behind", tc.opts)
 		}
-	}
-}
-
-func TestCryptLegacyAES(t *testing.T) {
-	haveQemu(t)
-	name := filepath.Join(t.TempDir(), "aes.qcow2")
-	execOut(t, "qemu-img", "create", "-q", "-f", "qcow2", "--object", cryptSecretObj, "-o", "encrypt.format=aes,encrypt.key-secret=sec0,cluster_size=4096", name, "1M")
-	// Guest and host offsets differ (IVs follow the guest offset).
-	execOut(t, "qemu-io", "--object", cryptSecretObj, "--image-opts", "-c", "write -P 0x11 300001 1000", "-c", "write -P 0x22 1000 9000", cryptImageOpts(name))
-	want := qemuCryptRaw(t, name)
-	img, err := openCryptImg(t, name, formats.OpenOptions{ReadOnly: true, Secrets: cryptSecrets, KeySecret: "sec0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := readAll(t, img)
-	img.Close()
-	if i := diffOffset(got, want); i >= 0 {
-		t.Errorf("guest data differs from qemu-img's at %d", i)
-	}
-	checkCryptInfo(t, name)
-	img, err = openCryptImg(t, name, formats.OpenOptions{Secrets: cryptSecrets, KeySecret: "sec0"})
-	if err == nil {
-		img.Close()
-	}
-	if !errors.Is(err, formats.ErrUnsupported) {
-		t.Errorf("read-write open of a legacy AES image: %v, want ErrUnsupported", err)
 	}
 }

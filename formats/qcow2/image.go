@@ -16,12 +16,13 @@ func init() {
 
 // Driver is the qcow2 format driver.
 var Driver = formats.Driver{
-	Name:          "qcow2",
-	Probe:         probe,
-	Open:          open,
-	Create:        create,
-	CreateOptions: createOptions,
-	CanCompress:   true,
+	Name:           "qcow2",
+	Probe:          probe,
+	Open:           open,
+	Create:         create,
+	CreateOptions:  createOptions,
+	CanCompress:    true,
+	RuntimeOptions: runtimeOptions,
 }
 
 func probe(buf []byte, _ string) int {
@@ -92,6 +93,8 @@ type Image struct {
 	// bm: loaded persistent bitmaps and the write tracking state.
 	bm     bitmapState
 	closed bool
+	// runtime holds the --image-opts settings imgfs acts on.
+	runtime runtimeSettings
 }
 
 var (
@@ -198,6 +201,10 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 	if h.RefcountOrder > 6 {
 		return nil, errorf(formats.ErrUnsupported, "Reference count entry width too large; may not exceed 64 bits")
 	}
+	rs, err := parseRuntime(o, h)
+	if err != nil {
+		return nil, err
+	}
 	lay := NewLayout(h)
 	if lay.SubclusterSize < 1<<minClusterBits {
 		return nil, errorf(formats.ErrUnsupported, "Unsupported subcluster size: %d", lay.SubclusterSize)
@@ -205,7 +212,7 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 	var crypt *cryptoState
 	if h.CryptMethod != cryptNone {
 		var err error
-		if crypt, err = openCrypto(f, h, o, readOnly); err != nil {
+		if crypt, err = openCrypto(f, h, o); err != nil {
 			return nil, err
 		}
 	}
@@ -228,6 +235,7 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 		return nil, errorf(formats.ErrCorrupt, "L1 table is too small")
 	}
 	img := &Image{
+		runtime:  rs,
 		file:     f,
 		data:     f,
 		readOnly: readOnly,
@@ -273,9 +281,27 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 	return img, nil
 }
 
-// openDataFile opens the external data file named in the header.
+// openDataFile opens the external data file: the one the data-file
+// runtime option names, else the one named in the header. Like QEMU,
+// qemu-img info (NoIO) opens none, so an image can be looked at without
+// touching the files it names.
 func (img *Image) openDataFile(f *formats.File, o *formats.OpenOptions) error {
 	h := img.hdr
+	if o.NoIO {
+		return nil
+	}
+	if name := img.runtime.dataFile; name != "" {
+		d, err := formats.OpenFile(name, img.readOnly, o.Direct)
+		if err != nil {
+			return err
+		}
+		if h.IncompatibleFeatures&IncompatDataFile == 0 {
+			d.Close()
+			return errorf(formats.ErrInvalidOption, "'data-file' can only be set for images with an external data file")
+		}
+		img.data = d
+		return nil
+	}
 	if h.IncompatibleFeatures&IncompatDataFile == 0 {
 		if h.AutoclearFeatures&AutoclearDataFileRaw != 0 {
 			return errorf(formats.ErrCorrupt, "data-file-raw requires a data file")
@@ -288,10 +314,10 @@ func (img *Image) openDataFile(f *formats.File, o *formats.OpenOptions) error {
 	// QEMU 7.2 opens the name as it stands (relative to the working
 	// directory); fall back to the image's directory, where the mount
 	// and most users keep the data file.
-	d, err := formats.OpenFile(h.DataFile, img.readOnly, o.Direct)
+	d, err := o.OpenFile(h.DataFile, img.readOnly)
 	if err != nil && errors.Is(err, os.ErrNotExist) {
 		if alt := formats.BackingPath(f.Name(), h.DataFile); alt != h.DataFile {
-			if d2, err2 := formats.OpenFile(alt, img.readOnly, o.Direct); err2 == nil {
+			if d2, err2 := o.OpenFile(alt, img.readOnly); err2 == nil {
 				d, err = d2, nil
 			}
 		}
@@ -479,9 +505,6 @@ func (img *Image) Describe() (*formats.Description, error) {
 			formats.Member{Key: "corrupt", Value: h.IncompatibleFeatures&IncompatCorrupt != 0},
 			formats.Member{Key: "refcount-bits", Value: int64(img.lay.RefcountBits)},
 		)
-		if img.crypt != nil {
-			data = append(data, img.crypt.describe())
-		}
 		if len(img.bitmaps) > 0 {
 			list := make([]any, len(img.bitmaps))
 			for i := range img.bitmaps {
@@ -490,6 +513,10 @@ func (img *Image) Describe() (*formats.Description, error) {
 			data = append(data, formats.Member{Key: "bitmaps", Value: list})
 		}
 		data = append(data, formats.Member{Key: "compression-type", Value: compression})
+	}
+	// Version 2 images report their encryption too (legacy AES).
+	if img.crypt != nil {
+		data = append(data, img.crypt.describe())
 	}
 	d.FormatSpecific = &formats.Specific{Type: "qcow2", Data: data}
 	return d, nil

@@ -4,6 +4,7 @@ import (
 	"math/bits"
 
 	"github.com/imgfs/imgfs/formats"
+	"github.com/imgfs/imgfs/formats/luks"
 )
 
 func init() { Driver.Measure = measure }
@@ -55,8 +56,18 @@ func measure(o *formats.Options, src formats.Image) (*formats.MeasureResult, err
 	default:
 		return nil, bad("invalid parameter value: %s", prealloc)
 	}
+	// A LUKS header region takes whole clusters before any data.
+	var luksRegion uint64
 	if o.String("encrypt.format") == "luks" {
-		return nil, errorf(formats.ErrUnsupported, "Measuring LUKS-encrypted qcow2 images is not supported yet")
+		cp, err := luks.ParseCreateOptions(o, "encrypt.")
+		if err != nil {
+			return nil, err
+		}
+		region, err := luks.RegionSize(cp.Spec)
+		if err != nil {
+			return nil, err
+		}
+		luksRegion = roundUpU(uint64(region), cs)
 	}
 
 	// Like QEMU, the arithmetic is unsigned and wraps for absurd sizes.
@@ -89,7 +100,7 @@ func measure(o *formats.Options, src formats.Image) (*formats.MeasureResult, err
 	if prealloc == "full" || prealloc == "falloc" {
 		required = virtual
 	}
-	full := preallocSize(virtual, cs, uint(bits.TrailingZeros64(rb)), extL2)
+	full := preallocSize(virtual, cs, uint(bits.TrailingZeros64(rb)), extL2) + luksRegion
 	res := &formats.MeasureResult{
 		FullyAllocated: int64(full),
 		// The metadata of a fully allocated image is still counted.

@@ -465,7 +465,13 @@ func (img *Image) writeRefblock(t *cachedTable) error {
 	return nil
 }
 
+// lazyRefcounts: refcount updates may lag behind, covered by the dirty
+// bit. The header's compatible bit says so unless the lazy-refcounts
+// runtime option overrides it.
 func (img *Image) lazyRefcounts() bool {
+	if img.runtime.lazySet {
+		return img.runtime.lazyRefcounts
+	}
 	return img.hdr.CompatibleFeatures&CompatLazyRefcounts != 0
 }
 

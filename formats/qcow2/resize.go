@@ -37,6 +37,15 @@ func (img *Image) Resize(size int64, prealloc string, shrink bool) error {
 			return errorf(formats.ErrUnsupported, "Bitmap '%s' is currently in use by another operation", b.Name)
 		}
 	}
+	// A bitmap is held in memory whole and must fit QEMU's limit to be
+	// stored (BME_MAX_PHYS_SIZE): growing past what it can cover is
+	// refused before anything changes. (QEMU runs out of memory.)
+	for _, b := range img.bitmaps {
+		if size > img.size && bitmapBytes(size, b.GranularityBits) > bitmapMaxPhysSize {
+			return errorf(formats.ErrInvalidOption,
+				"Bitmap '%s' cannot cover %d bytes: too much space would be occupied by the bitmap", b.Name, size)
+		}
+	}
 	if err := img.markBitmapsInUse(); err != nil {
 		return err
 	}

@@ -3,7 +3,6 @@ package qcow2
 import (
 	"errors"
 	"fmt"
-	"github.com/imgfs/imgfs/formats/luks"
 	"io"
 
 	"github.com/imgfs/imgfs/formats"
@@ -164,7 +163,7 @@ func (img *Image) writeStep(p []byte, off int64, exclusive bool) (int64, error) 
 		// whole sectors: under the lock, so that two of them sharing a
 		// sector do not lose an update.
 		defer img.mu.Unlock()
-		return m.length, img.writeEncrypted(p[:m.length], m.host)
+		return m.length, img.writeEncrypted(p[:m.length], m.host, uint64(off))
 	}
 	if m.typ == Normal && (m.copied || img.lay.HasDataFile) {
 		img.mu.Unlock()
@@ -276,7 +275,7 @@ func (img *Image) writeAlloc(p []byte, off int64, exclusive bool) (int64, error)
 			if err := img.flushRun(&run); err != nil {
 				return 0, err
 			}
-			run = hostRun{host: h}
+			run = hostRun{host: h, guest: uint64(w.guest + w.lo)}
 		}
 		if a == w.lo && b == w.hi {
 			run.addFromP(p, int(srcStart), int(b-a))
@@ -334,7 +333,10 @@ func (img *Image) writeAlloc(p []byte, off int64, exclusive bool) (int64, error)
 // are consecutive slices of the caller's buffer stay a slice of it, so
 // large aligned writes are not copied.
 type hostRun struct {
-	host   uint64
+	host uint64
+	// guest is the guest offset of the run's first byte: the clusters
+	// of a run are consecutive in the guest too.
+	guest  uint64
 	n      int
 	pieces [][]byte
 	// pStart/pEnd: when every piece so far is p[pStart:pEnd].
@@ -385,7 +387,7 @@ func (img *Image) flushRun(r *hostRun) error {
 		}
 	}
 	if img.crypt != nil {
-		img.crypt.c.Encrypt(buf, r.host/luks.SectorSize)
+		img.crypt.c.Encrypt(buf, img.crypt.ivSector(r.host, r.guest))
 	}
 	if _, err := f.WriteAt(buf, int64(r.host)); err != nil {
 		return fmt.Errorf("%s: writing %d bytes at host offset %#x: %w", f.Name(), len(buf), r.host, err)

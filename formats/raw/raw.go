@@ -4,13 +4,15 @@
 // the virtual size is the file size rounded up to a 512-byte sector, block
 // status comes from SEEK_DATA/SEEK_HOLE, and an image whose format was
 // guessed refuses writes that would make its first sector look like
-// another format.
+// another format. The runtime options offset and size make the image a
+// window of the file.
 package raw
 
 import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"sync"
 
 	"github.com/imgfs/imgfs/formats"
@@ -33,7 +35,16 @@ func init() {
 		CreateOptions: []formats.OptionSpec{
 			{Name: "size", Type: formats.OptSize, Help: "Virtual disk size"},
 		},
+		RuntimeOptions: runtimeOptions,
 	})
+}
+
+// runtimeOptions are raw-format.c's raw_runtime_opts: the image is the
+// size bytes of the file from offset on (to the end of the file when
+// size is not given).
+var runtimeOptions = []formats.OptionSpec{
+	{Name: "offset", Type: formats.OptSize, Help: "offset in the disk where the image starts", Strong: true},
+	{Name: "size", Type: formats.OptSize, Help: "virtual disk size", Strong: true},
 }
 
 // probe gives every file the smallest positive score, so raw is chosen
@@ -47,6 +58,10 @@ type Image struct {
 	// probed: the format was guessed, so writes to the first sector are
 	// checked (see guardSector0).
 	probed bool
+	// offset is where guest byte 0 lies in the file; fixedSize: the
+	// size option fixed the size, so the image cannot be resized.
+	offset    int64
+	fixedSize bool
 
 	// mu guards size: reads, writes and block status hold it shared so
 	// that Resize, which holds it exclusively, never races a request
@@ -80,11 +95,45 @@ func open(f *formats.File, o *formats.OpenOptions) (formats.Image, error) {
 		f.Close()
 		return nil, fmt.Errorf("Could not get image size: %w", formats.ErrnoError{Err: err})
 	}
-	img := &Image{f: f, readOnly: f.ReadOnly(), probed: o.Probed, size: roundUp(size)}
+	img := &Image{f: f, readOnly: f.ReadOnly(), probed: o.Probed}
+	if err := img.window(o, size); err != nil {
+		f.Close()
+		return nil, err
+	}
 	if img.probed && !img.readOnly && o.Warn != nil {
 		o.Warn(fmt.Sprintf(probedWarning, f.Name()))
 	}
 	return img, nil
+}
+
+// window sets offset and size from the runtime options and the file
+// size, with raw_apply_options' checks.
+func (img *Image) window(o *formats.OpenOptions, fileSize int64) error {
+	rt, err := o.RuntimeValues(runtimeOptions)
+	if err != nil {
+		return err
+	}
+	offset, _ := rt.Uint("offset")
+	size, hasSize := rt.Uint("size")
+	hasSize = hasSize && rt.Has("size")
+	if offset > uint64(fileSize) {
+		return fmt.Errorf("Offset (%d) cannot be greater than size of the containing file (%d)", offset, fileSize)
+	}
+	if hasSize && uint64(fileSize)-offset < size {
+		// QEMU's message has the double space.
+		return fmt.Errorf("The sum of offset (%d) and size (%d) has to be smaller or equal to the  actual size of the containing file (%d)",
+			offset, size, fileSize)
+	}
+	if hasSize && size%sectorSize != 0 {
+		return fmt.Errorf("Specified size is not multiple of %d", sectorSize)
+	}
+	img.offset, img.fixedSize = int64(offset), hasSize
+	if hasSize {
+		img.size = int64(size)
+	} else {
+		img.size = roundUp(fileSize - img.offset)
+	}
+	return nil
 }
 
 // roundUp rounds a file size up to whole sectors, as QEMU counts a raw
@@ -106,6 +155,7 @@ var errIO = formats.ErrnoError{Err: unix.EIO}
 
 // ReadAt reads guest bytes. Bytes between the end of the file and the
 // end of its last sector read as zeroes; reads stop at Size with io.EOF.
+// Guest offsets are file offsets shifted by the offset option.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	img.mu.RLock()
 	defer img.mu.RUnlock()
@@ -116,7 +166,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	n := int(min(int64(len(p)), img.size-off))
-	if _, err := img.f.ReadAt(p[:n], off); err != nil {
+	if _, err := img.f.ReadAt(p[:n], img.offset+off); err != nil {
 		return 0, err
 	}
 	if n < len(p) {
@@ -140,7 +190,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 		img.sector0.Lock()
 		defer img.sector0.Unlock()
 		head := make([]byte, sectorSize)
-		if _, err := img.f.ReadAt(head, 0); err != nil {
+		if _, err := img.f.ReadAt(head, img.offset); err != nil {
 			return 0, err
 		}
 		n := copy(head[off:], p)
@@ -148,25 +198,25 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 			return 0, err
 		}
 		// Write the checked copy, not p, which the caller might change.
-		if _, err := img.f.WriteAt(head[off:off+int64(n)], off); err != nil {
+		if _, err := img.f.WriteAt(head[off:off+int64(n)], img.offset+off); err != nil {
 			return 0, err
 		}
-		m, err := img.f.WriteAt(p[n:], off+int64(n))
+		m, err := img.f.WriteAt(p[n:], img.offset+off+int64(n))
 		return n + m, err
 	}
-	return img.f.WriteAt(p, off)
+	return img.f.WriteAt(p, img.offset+off)
 }
 
-// HostMap maps guest bytes one to one onto the file, for copy
-// offloading. The first sector of a probed image is not mapped: writes
-// there need the probe guard of WriteAt.
+// HostMap maps guest bytes one to one onto the file (from the offset
+// option on), for copy offloading. The first sector of a probed image
+// is not mapped: writes there need the probe guard of WriteAt.
 func (img *Image) HostMap(off, n int64) (*formats.File, int64, int64, bool) {
 	img.mu.RLock()
 	defer img.mu.RUnlock()
 	if off < 0 || n <= 0 || off >= img.size || img.probed && off < sectorSize {
 		return nil, 0, 0, false
 	}
-	return img.f, off, min(n, img.size-off), true
+	return img.f, img.offset + off, min(n, img.size-off), true
 }
 
 // checkWrite refuses writes to a read-only image and ranges outside the
@@ -201,7 +251,7 @@ func guardSector0(sector []byte) error {
 // read as zeroes; the caller holds img.sector0.
 func (img *Image) guardZeroes(off, length int64) error {
 	head := make([]byte, sectorSize)
-	if _, err := img.f.ReadAt(head, 0); err != nil {
+	if _, err := img.f.ReadAt(head, img.offset); err != nil {
 		return err
 	}
 	clear(head[off:min(off+length, sectorSize)])
@@ -221,7 +271,8 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 	if length == 0 {
 		return formats.Extent{}, nil
 	}
-	data, n, err := img.f.DataStatus(off, length)
+	host := img.offset + off
+	data, n, err := img.f.DataStatus(host, length)
 	if err != nil {
 		return formats.Extent{}, err
 	}
@@ -229,7 +280,7 @@ func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
 	if data {
 		st = formats.StatusData
 	}
-	return formats.Extent{Length: n, Status: st | formats.StatusOffsetValid, Offset: off, File: img.f.Name()}, nil
+	return formats.Extent{Length: n, Status: st | formats.StatusOffsetValid, Offset: host, File: img.f.Name()}, nil
 }
 
 // WriteZeroes makes [off, off+length) read as zeroes: with mayUnmap by
@@ -252,17 +303,18 @@ func (img *Image) WriteZeroes(off, length int64, mayUnmap bool) error {
 			return err
 		}
 	}
+	host := img.offset + off
 	if mayUnmap {
-		err := img.f.PunchHole(off, length)
+		err := img.f.PunchHole(host, length)
 		if !fallback(err) {
 			return err
 		}
 	}
-	err := img.f.ZeroRange(off, length)
+	err := img.f.ZeroRange(host, length)
 	if !fallback(err) {
 		return err
 	}
-	return writeZeroBuffers(img.f, off, length)
+	return writeZeroBuffers(img.f, host, length)
 }
 
 // fallback reports whether a fallocate error means "not supported here,
@@ -295,9 +347,11 @@ func (img *Image) Discard(off, length int64) error {
 	return img.WriteZeroes(off, length, true)
 }
 
-// Resize changes the file size to exactly size. Growing fills the new
-// part according to prealloc (off, falloc or full; "" is off); shrinking
-// needs shrink and no preallocation.
+// Resize changes the file size to exactly the offset option plus size,
+// as raw_co_truncate does; an image whose size option fixed its size
+// cannot be resized. Growing fills the new part according to prealloc
+// (off, falloc or full; "" is off); shrinking needs shrink and no
+// preallocation.
 func (img *Image) Resize(size int64, prealloc string, shrink bool) error {
 	img.mu.Lock()
 	defer img.mu.Unlock()
@@ -314,7 +368,13 @@ func (img *Image) Resize(size int64, prealloc string, shrink bool) error {
 	if size < img.size && !shrink {
 		return errors.New("Use the --shrink option to perform a shrink operation.")
 	}
-	if err := truncate(img.f, size, mode); err != nil {
+	if img.fixedSize {
+		return formats.Errorf(formats.ErrUnsupported, "Cannot resize fixed-size raw disks")
+	}
+	if size > math.MaxInt64-img.offset {
+		return formats.Errorf(formats.ErrInvalidOption, "Disk size too large for the chosen offset")
+	}
+	if err := truncate(img.f, img.offset+size, mode); err != nil {
 		return err
 	}
 	img.size = roundUp(size)

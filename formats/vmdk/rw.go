@@ -156,7 +156,7 @@ func (img *Image) writeChunk(e *extent, pos, inExt, inGrain int64, data []byte) 
 			return fmt.Errorf("%s: streamOptimized extents take whole grains only (%d bytes at grain offset %d): %w",
 				e.f.Name(), len(data), inGrain, errInval)
 		}
-		return img.appendGrain(e, pos, inExt, compress(data))
+		return img.appendGrain(e, pos, inExt, compressGrain(nil, data))
 	}
 	img.mu.Lock()
 	state, host, w, err := e.lookup(inExt)

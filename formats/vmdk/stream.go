@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
-	"sync"
 
 	"github.com/imgfs/imgfs/formats"
 	"github.com/klauspost/compress/zlib"
@@ -22,37 +21,45 @@ import (
 const zlibLevel = 6
 
 var (
-	zlibWriters = sync.Pool{New: func() any {
+	zlibWriters = formats.NewFreeList(func() *zlib.Writer {
 		w, err := zlib.NewWriterLevel(io.Discard, zlibLevel)
 		if err != nil {
 			panic(err) // zlibLevel is a valid constant level
 		}
 		return w
-	}}
-	zlibReaders sync.Pool // of io.ReadCloser implementing zlib.Resetter
+	})
+	// zlib readers can only be made from a stream: build makes none.
+	zlibReaders = formats.NewFreeList(func() io.ReadCloser { return nil })
 )
 
-// compress deflates one grain into a zlib stream. Safe for concurrent
-// use.
-func compress(src []byte) []byte {
-	w := zlibWriters.Get().(*zlib.Writer)
+// appendWriter appends what is written to buf.
+type appendWriter struct{ buf []byte }
+
+func (w *appendWriter) Write(p []byte) (int, error) {
+	w.buf = append(w.buf, p...)
+	return len(p), nil
+}
+
+// compressGrain builds, in dst's storage, the record of a compressed
+// grain as it goes on disk: room for the grain marker, which appendGrain
+// fills in, then the zlib stream of src. Safe for concurrent use.
+func compressGrain(dst, src []byte) []byte {
+	w := zlibWriters.Get()
 	defer zlibWriters.Put(w)
-	var out bytes.Buffer
-	out.Grow(len(src)/2 + 64)
-	w.Reset(&out)
-	// Writes to a bytes.Buffer do not fail.
+	out := &appendWriter{buf: append(dst[:0], make([]byte, grainMarkerSize)...)}
+	w.Reset(out)
+	// Writes to an appendWriter do not fail.
 	w.Write(src)
 	w.Close()
-	return out.Bytes()
+	return out.buf
 }
 
 // inflate decompresses a zlib stream of at most max bytes, as zlib's
 // uncompress() into a buffer of that size: the stream must end (with a
 // valid checksum) within it.
 func inflate(src []byte, max int) ([]byte, error) {
-	var r io.ReadCloser
-	if v := zlibReaders.Get(); v != nil {
-		r = v.(io.ReadCloser)
+	r := zlibReaders.Get()
+	if r != nil {
 		if err := r.(zlib.Resetter).Reset(bytes.NewReader(src), nil); err != nil {
 			return nil, err
 		}
@@ -105,12 +112,12 @@ func (e *extent) readCompressed(host int64) ([]byte, error) {
 	return g, nil
 }
 
-// appendGrain stores a compressed grain at the end of a stream extent
-// and enters it in the grain tables. Like QEMU, the grain's full size is
+// appendGrain stores a compressed grain record (from compressGrain) at
+// the end of a stream extent and enters it in the grain tables. Like QEMU, the grain's full size is
 // reserved behind it (QEMU writes a zero grain there first), so the file
 // ends a grain past the last marker; the next grain starts at the sector
 // after this one's data.
-func (img *Image) appendGrain(e *extent, pos, inExt int64, z []byte) error {
+func (img *Image) appendGrain(e *extent, pos, inExt int64, rec []byte) error {
 	if e.gdAtEnd {
 		return fmt.Errorf("%s: writing streamOptimized images with a footer: %w", e.f.Name(), formats.ErrUnsupported)
 	}
@@ -134,10 +141,8 @@ func (img *Image) appendGrain(e *extent, pos, inExt int64, z []byte) error {
 	if err != nil {
 		return err
 	}
-	rec := make([]byte, grainMarkerSize+len(z))
 	binary.LittleEndian.PutUint64(rec, uint64(pos>>9))
-	binary.LittleEndian.PutUint32(rec[8:], uint32(len(z)))
-	copy(rec[grainMarkerSize:], z)
+	binary.LittleEndian.PutUint32(rec[8:], uint32(len(rec)-grainMarkerSize))
 	at := sector * sectorSize
 	if _, err := e.f.WriteAt(rec, at); err != nil {
 		return err
@@ -175,18 +180,18 @@ func (img *Image) CompressionUnit() int64 {
 // every grain compressed even when that does not make it smaller (as
 // QEMU does). Other images store data as it is: ok is false. Safe for
 // concurrent use.
-func (img *Image) Compress(_, src []byte) ([]byte, bool) {
+func (img *Image) Compress(dst, src []byte) ([]byte, bool) {
 	if !img.NeedsCompressedWrites() {
 		return nil, false
 	}
-	return compress(src), true
+	return compressGrain(dst, src), true
 }
 
-// WriteCompressed stores a grain that Compress produced at guest offset
-// off. convert pads the image's short last grain to a whole one; QEMU
+// WriteCompressed stores a grain record that Compress produced at guest
+// offset off, filling in its marker. convert pads the image's short last grain to a whole one; QEMU
 // compresses only the bytes inside the image, so that grain is
 // recompressed from its real length.
-func (img *Image) WriteCompressed(off int64, z []byte) error {
+func (img *Image) WriteCompressed(off int64, rec []byte) error {
 	if err := img.checkWrite(off, 0); err != nil {
 		return err
 	}
@@ -199,13 +204,13 @@ func (img *Image) WriteCompressed(off int64, z []byte) error {
 		return fmt.Errorf("%s: compressed write at unaligned offset %d: %w", img.file.Name(), off, errInval)
 	}
 	if rest := e.sectors*sectorSize - inExt; rest < e.grainBytes() {
-		g, err := inflate(z, int(e.grainBytes()))
+		g, err := inflate(rec[grainMarkerSize:], int(e.grainBytes()))
 		if err != nil {
 			return fmt.Errorf("%s: compressed grain for offset %d: %w", img.file.Name(), off, err)
 		}
-		z = compress(g[:min(int64(len(g)), rest)])
+		rec = compressGrain(nil, g[:min(int64(len(g)), rest)])
 	}
-	if err := img.appendGrain(e, off, inExt, z); err != nil {
+	if err := img.appendGrain(e, off, inExt, rec); err != nil {
 		return err
 	}
 	return img.wroteOnce()

@@ -238,7 +238,7 @@ func (op *opener) openDescriptor(desc string) error {
 // openExtentFile opens and locks one extent file as QEMU opens an extent
 // child: flat extents carry data only, sparse ones metadata too.
 func (op *opener) openExtentFile(path string, flat bool) (*formats.File, error) {
-	f, err := formats.OpenFile(path, op.img.readOnly, op.o.Direct)
+	f, err := op.o.OpenFile(path, op.img.readOnly)
 	if err != nil {
 		return nil, err
 	}

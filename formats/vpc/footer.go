@@ -149,11 +149,13 @@ func (f *Footer) sizeFromCurrentSize() bool {
 }
 
 // virtualSectors is the guest size in sectors as vpc_open computes it:
-// the geometry, unless the creator uses the current size or the geometry
-// is the largest one (which cannot describe the disk).
-func (f *Footer) virtualSectors() int64 {
+// the geometry, unless the creator uses the current size (calc may
+// override the creator either way) or the geometry is the largest one
+// (which cannot describe the disk, whatever calc says).
+func (f *Footer) virtualSectors(calc sizeCalc) int64 {
 	n := f.geometrySectors()
-	if f.sizeFromCurrentSize() || n == maxGeometry {
+	useCHS := calc == sizeCHS || calc == sizeAuto && !f.sizeFromCurrentSize()
+	if !useCHS || n == maxGeometry {
 		n = int64(f.CurrentSize / 512)
 	}
 	return n

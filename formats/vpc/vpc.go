@@ -17,12 +17,48 @@ import (
 
 func init() {
 	formats.Register(&formats.Driver{
-		Name:          "vpc",
-		Probe:         probe,
-		Open:          open,
-		Create:        create,
-		CreateOptions: createOptions,
+		Name:           "vpc",
+		Probe:          probe,
+		Open:           open,
+		Create:         create,
+		CreateOptions:  createOptions,
+		RuntimeOptions: runtimeOptions,
 	})
+}
+
+// runtimeOptions are vpc_runtime_opts: force_size_calc overrides the
+// creator application's say in how the disk is sized.
+var runtimeOptions = []formats.OptionSpec{
+	{Name: "force_size_calc", Type: formats.OptString, Strong: true,
+		Help: "Force disk size calculation to use either CHS geometry, or use the disk current_size specified in the VHD footer. {chs, current_size}"},
+}
+
+// sizeCalc is a force_size_calc mode.
+type sizeCalc int
+
+const (
+	sizeAuto        sizeCalc = iota // by the creator application
+	sizeCHS                         // the geometry, unless it is the largest
+	sizeCurrentSize                 // the footer's current size
+)
+
+// parseSizeCalc is vpc_parse_options.
+func parseSizeCalc(o *formats.OpenOptions) (sizeCalc, error) {
+	rt, err := o.RuntimeValues(runtimeOptions)
+	if err != nil {
+		return 0, err
+	}
+	if !rt.Has("force_size_calc") {
+		return sizeAuto, nil
+	}
+	switch v := rt.String("force_size_calc"); v {
+	case "chs":
+		return sizeCHS, nil
+	case "current_size":
+		return sizeCurrentSize, nil
+	default:
+		return 0, fmt.Errorf("Invalid size calculation mode: '%s'", v)
+	}
 }
 
 // probe recognises the footer copy at the start of a dynamic disk. A
@@ -71,8 +107,13 @@ var (
 // open is vpc_open: find the footer (at the start for dynamic disks, at
 // the end for fixed ones), verify its checksum, size the disk and, for
 // dynamic disks, load the BAT.
-func open(f *formats.File, _ *formats.OpenOptions) (formats.Image, error) {
-	img, err := load(f)
+func open(f *formats.File, o *formats.OpenOptions) (formats.Image, error) {
+	calc, err := parseSizeCalc(o)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	img, err := load(f, calc)
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -80,7 +121,7 @@ func open(f *formats.File, _ *formats.OpenOptions) (formats.Image, error) {
 	return img, nil
 }
 
-func load(f *formats.File) (*Image, error) {
+func load(f *formats.File, calc sizeCalc) (*Image, error) {
 	fileSize, err := f.Size()
 	if err != nil {
 		return nil, fmt.Errorf("Invalid file size: %w", formats.ErrnoError{Err: err})
@@ -112,7 +153,7 @@ func load(f *formats.File) (*Image, error) {
 		return nil, formats.Errorf(formats.ErrCorrupt, "Incorrect header checksum")
 	}
 	img := &Image{f: f, readOnly: f.ReadOnly(), footer: ft, fixed: ft.DiskType == diskFixed, lastBitmap: -1}
-	sectors := ft.virtualSectors()
+	sectors := ft.virtualSectors(calc)
 	if sectors > maxSectors {
 		// QEMU reports a bare errno here, which its open wrapper words
 		// "Could not open NAME" before qemu-img adds that again.

@@ -3,6 +3,7 @@ package vpc
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -212,7 +213,8 @@ func patchFooter(t *testing.T, name string, change func(*Footer)) {
 
 // TestSizeRules hand-crafts footers of different creator applications,
 // geometries and current sizes and compares the virtual size qemu-img
-// info reports with ours.
+// info reports with ours, by the creator's rule and with each
+// force_size_calc override.
 func TestSizeRules(t *testing.T) {
 	formatstest.RequireQemu(t)
 	for _, sub := range []string{"dynamic", "fixed"} {
@@ -243,11 +245,62 @@ func TestSizeRules(t *testing.T) {
 					ft.Cylinders, ft.Heads, ft.SecsPerCyl = tc.c, tc.h, tc.s
 					ft.CurrentSize = tc.currentSize
 				})
-				want := formatstest.QemuVirtualSize(t, "vpc", name)
-				if got := formatstest.Open(t, name, formats.OpenOptions{Format: "vpc", ReadOnly: true}).Size(); got != want {
-					t.Errorf("size %d, qemu-img says %d", got, want)
+				for _, calc := range []string{"", "chs", "current_size"} {
+					want := formatstest.QemuVirtualSize(t, "vpc", name)
+					var runtime map[string]string
+					if calc != "" {
+						want = qemuVirtualSizeOpts(t, "driver=vpc,force_size_calc="+calc+",file.filename="+name)
+						runtime = map[string]string{"force_size_calc": calc}
+					}
+					img := formatstest.Open(t, name, formats.OpenOptions{Format: "vpc", ReadOnly: true, Runtime: runtime})
+					if got := img.Size(); got != want {
+						t.Errorf("force_size_calc=%s: size %d, qemu-img says %d", calc, got, want)
+					}
+					img.Close()
 				}
 			})
+		}
+	}
+}
+
+// qemuVirtualSizeOpts is the virtual size qemu-img info reports for an
+// image given by --image-opts.
+func qemuVirtualSizeOpts(t *testing.T, imageOpts string) int64 {
+	t.Helper()
+	var info struct {
+		VirtualSize int64 `json:"virtual-size"`
+	}
+	out := formatstest.Exec(t, "qemu-img", "info", "-U", "--output=json", "--image-opts", imageOpts)
+	if err := json.Unmarshal([]byte(out), &info); err != nil {
+		t.Fatal(err)
+	}
+	return info.VirtualSize
+}
+
+// TestSizeCalcErrors compares the refusal of bad force_size_calc values
+// and unknown options with qemu-img's.
+func TestSizeCalcErrors(t *testing.T) {
+	formatstest.RequireQemu(t)
+	name := filepath.Join(t.TempDir(), "img.vhd")
+	formatstest.Exec(t, "qemu-img", "create", "-q", "-f", "vpc", name, "8M")
+	for _, tc := range []struct{ list, key, value string }{
+		{"force_size_calc=x", "force_size_calc", "x"},
+		{"force_size_calc=CHS", "force_size_calc", "CHS"},
+		{"force_size_calc=", "force_size_calc", ""},
+		{"force_size=on", "force_size", "on"},
+	} {
+		imageOpts := "driver=vpc," + tc.list + ",file.filename=" + name
+		out, err := exec.Command("qemu-img", "info", "-U", "--image-opts", imageOpts).CombinedOutput()
+		if err == nil {
+			t.Fatalf("qemu-img accepts %s", imageOpts)
+		}
+		_, ours := formatstest.OpenRetry(name, formats.OpenOptions{Format: "vpc", ReadOnly: true,
+			Runtime: map[string]string{tc.key: tc.value}})
+		if ours == nil {
+			t.Fatalf("we accept %s", tc.list)
+		}
+		if want := fmt.Sprintf("qemu-img: Could not open '%s': %v\n", imageOpts, ours); string(out) != want {
+			t.Errorf("qemu-img says\n%s ours\n%s", out, want)
 		}
 	}
 }
