@@ -2,7 +2,7 @@ package formats
 
 import "runtime"
 
-// FreeList keeps idle objects for reuse, a few per CPU. Unlike a
+// FreeList keeps a bounded number of idle objects for reuse. Unlike a
 // sync.Pool it keeps them across garbage collections: a compressor costs
 // hundreds of KiB to build, and convert -c allocates enough to collect
 // many times a second, so a sync.Pool rebuilt compressors over and over
@@ -12,9 +12,15 @@ type FreeList[T any] struct {
 	build func() T
 }
 
-// NewFreeList returns a free list that builds new objects with build.
-func NewFreeList[T any](build func() T) *FreeList[T] {
-	return &FreeList[T]{idle: make(chan T, 2*runtime.NumCPU()), build: build}
+// NewFreeList returns a free list of up to n idle objects that builds
+// new objects with build. n == 0 keeps two per CPU, enough for objects
+// held only while computing (compressors); buffers held across I/O need
+// as many as there are requests in flight.
+func NewFreeList[T any](n int, build func() T) *FreeList[T] {
+	if n == 0 {
+		n = 2 * runtime.NumCPU()
+	}
+	return &FreeList[T]{idle: make(chan T, n), build: build}
 }
 
 // Get returns an idle object, or a new one when none is idle.

@@ -12,20 +12,25 @@ import (
 )
 
 // cipherMatrix is every cipher and mode QEMU 7.2 creates LUKS images
-// with, each with every IV generator (ESSIV with both hash sizes that
-// key some cipher of each family), the PBKDF2 hash taken in turn.
+// with, each with every IV generator; ESSIV's hash alternates between
+// the two digest sizes that key a cipher of every family (MD5 and
+// SHA-256, where the family has such a key size) and the PBKDF2 hash
+// is taken in turn.
 func cipherMatrix() []Spec {
 	var specs []Spec
-	algs := slices.Sorted(maps.Keys(cipherAlgs))
-	ivgens := []struct{ alg, hash string }{{"plain", ""}, {"plain64", ""}, {"essiv", "md5"}, {"essiv", "sha256"}}
-	i := 0
-	for _, alg := range algs {
+	essivHashes := []string{"md5", "sha256"}
+	for _, alg := range slices.Sorted(maps.Keys(cipherAlgs)) {
 		for _, mode := range []string{"xts", "cbc", "ecb", "ctr"} {
-			for _, iv := range ivgens {
-				s := Spec{CipherAlg: alg, CipherMode: mode, IVGenAlg: iv.alg, IVGenHashAlg: iv.hash, HashAlg: hashNames[i%len(hashNames)]}
+			for _, ivgen := range []string{"plain", "plain64", "essiv"} {
+				s := Spec{CipherAlg: alg, CipherMode: mode, IVGenAlg: ivgen, HashAlg: hashNames[len(specs)%len(hashNames)]}
+				if ivgen == "essiv" {
+					s.IVGenHashAlg = essivHashes[len(specs)%2]
+					if s.validate() != nil {
+						s.IVGenHashAlg = essivHashes[(len(specs)+1)%2]
+					}
+				}
 				if s.validateCreate() == nil {
 					specs = append(specs, s)
-					i++
 				}
 			}
 		}
@@ -47,7 +52,7 @@ func (s Spec) createOptions() string {
 func TestCipherMatrixAgainstQEMU(t *testing.T) {
 	needQEMU(t)
 	specs := cipherMatrix()
-	if len(specs) < 100 {
+	if len(specs) < 80 {
 		t.Fatalf("only %d schemes in the matrix", len(specs))
 	}
 	for i, s := range specs {

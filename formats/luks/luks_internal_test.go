@@ -81,6 +81,10 @@ func TestSectorCipherRoundTrip(t *testing.T) {
 		{CipherAlg: "aes-128", CipherMode: "cbc", IVGenAlg: "essiv", IVGenHashAlg: "sha256", HashAlg: "sha1"},
 		{CipherAlg: "aes-192", CipherMode: "cbc", IVGenAlg: "plain", HashAlg: "sha512"},
 		{CipherAlg: "aes-128", CipherMode: "xts", IVGenAlg: "essiv", IVGenHashAlg: "sha256", HashAlg: "sha256"},
+		{CipherAlg: "serpent-192", CipherMode: "xts", IVGenAlg: "essiv", IVGenHashAlg: "md5", HashAlg: "ripemd160"},
+		{CipherAlg: "twofish-256", CipherMode: "ctr", IVGenAlg: "plain64", HashAlg: "sha224"},
+		{CipherAlg: "cast5-128", CipherMode: "cbc", IVGenAlg: "essiv", IVGenHashAlg: "md5", HashAlg: "md5"},
+		{CipherAlg: "cast5-128", CipherMode: "ctr", IVGenAlg: "plain", HashAlg: "sha384"},
 	}
 	for _, s := range specs {
 		n, err := s.keyLen()
@@ -268,6 +272,8 @@ func FuzzParseHeader(f *testing.F) {
 	f.Add(m.b[:HeaderSize])
 	_, m = formatted(&testing.T{}, Spec{CipherAlg: "aes-128", CipherMode: "cbc", IVGenAlg: "essiv", IVGenHashAlg: "sha256", HashAlg: "sha1"})
 	f.Add(m.b[:HeaderSize])
+	_, m = formatted(&testing.T{}, Spec{CipherAlg: "cast5-128", CipherMode: "ctr", IVGenAlg: "essiv", IVGenHashAlg: "md5", HashAlg: "ripemd160"})
+	f.Add(m.b[:HeaderSize])
 	f.Fuzz(func(t *testing.T, b []byte) {
 		h, err := ParseHeader(b)
 		if err != nil {
@@ -292,6 +298,23 @@ func TestRegionSize(t *testing.T) {
 		}
 		if int64(len(m.b)) > n {
 			t.Errorf("%+v: Format wrote %d bytes, past the region of %d", spec, len(m.b), n)
+		}
+	}
+}
+
+// TestCipherTable: every cipher builds from a key of its length and has
+// the block size the table gives it.
+func TestCipherTable(t *testing.T) {
+	for name, a := range cipherAlgs {
+		b, err := a.newBlock(make([]byte, a.keyLen))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if b.BlockSize() != a.blockSize {
+			t.Errorf("%s: block size %d, table says %d", name, b.BlockSize(), a.blockSize)
+		}
+		if got, ok := cipherByHeader(a.family, uint32(a.keyLen)); !ok || got != name {
+			t.Errorf("%s: header name %s with %d-byte keys maps to %q", name, a.family, a.keyLen, got)
 		}
 	}
 }

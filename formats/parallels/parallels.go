@@ -280,12 +280,13 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if img.readOnly {
 		return 0, formats.ErrReadOnly
 	}
+	end := off + int64(len(p))
 	return formats.WriteBlocks(img.f.Name(), p, off, img.size, img.cluster, func(q []byte, pos int64) error {
 		img.mu.RLock()
 		host := img.hostOffset(pos)
 		img.mu.RUnlock()
 		if host < 0 {
-			return img.allocate(pos, q)
+			return img.allocate(pos, q, end)
 		}
 		_, err := img.f.WriteAt(q, host)
 		return err
@@ -294,11 +295,12 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 
 // allocate writes data (within one cluster) at guest offset off into a
 // new cluster at the end of the data, as allocate_clusters does: when the
-// cluster does not fit, the file grows by it plus the preallocation,
-// allocated with zeroes or (prealloc-mode=truncate) sparse; a cluster
-// within the file is zeroed the same way, in case the file holds stale
-// bytes there. Then the data is written, and then the catalog entry.
-func (img *Image) allocate(off int64, data []byte) error {
+// cluster does not fit, the file grows by the clusters the request (up
+// to end) is about to allocate, plus the preallocation, allocated with
+// zeroes or (prealloc-mode=truncate) sparse; a cluster within the file
+// is zeroed the same way, in case the file holds stale bytes there. Then
+// the data is written, and then the catalog entry.
+func (img *Image) allocate(off int64, data []byte, end int64) error {
 	img.mu.Lock()
 	defer img.mu.Unlock()
 	if host := img.hostOffset(off); host >= 0 {
@@ -318,9 +320,16 @@ func (img *Image) allocate(off int64, data []byte) error {
 		return err
 	}
 	grow := start+img.cluster > fileSize
+	// QEMU allocates the request's run of unallocated clusters at once,
+	// so the file grows by all of them. Once it has grown, the rest of
+	// the run fits and is not counted again.
+	space := img.cluster
+	for next := (idx + 1) * img.cluster; grow && next < end && img.hostOffset(next) < 0; next += img.cluster {
+		space += img.cluster
+	}
 	switch {
 	case img.truncate && grow:
-		err = img.f.Truncate(start + img.cluster + img.prealloc)
+		err = img.f.Truncate(start + space + img.prealloc)
 	case img.truncate:
 		if img.f.PunchHole(start, img.cluster) != nil {
 			err = writeZeroes(img.f, start, img.cluster)
@@ -328,12 +337,16 @@ func (img *Image) allocate(off int64, data []byte) error {
 	default:
 		n := img.cluster
 		if grow {
-			n += img.prealloc
+			n = space + img.prealloc
 		}
 		if img.f.ZeroRange(start, n) != nil {
 			// Filesystems without FALLOC_FL_ZERO_RANGE: write the
-			// zeroes of the cluster itself.
+			// zeroes of the cluster itself and grow the file sparse,
+			// so that the rest of the run fits.
 			err = writeZeroes(img.f, start, img.cluster)
+			if err == nil && grow {
+				err = img.f.Truncate(start + n)
+			}
 		}
 	}
 	if err != nil {

@@ -18,14 +18,14 @@ const deflateWindow = 4096
 // Compressors and decompressors are kept for reuse; each is reset per
 // cluster.
 var (
-	deflateWriters = formats.NewFreeList(func() *flate.Writer {
+	deflateWriters = formats.NewFreeList(0, func() *flate.Writer {
 		w, err := flate.NewWriterWindow(io.Discard, deflateWindow)
 		if err != nil {
 			panic(err) // deflateWindow is a valid constant window
 		}
 		return w
 	})
-	deflateReaders = formats.NewFreeList(func() io.ReadCloser { return flate.NewReader(bytes.NewReader(nil)) })
+	deflateReaders = formats.NewFreeList(0, func() io.ReadCloser { return flate.NewReader(bytes.NewReader(nil)) })
 )
 
 // limitWriter appends to buf but fails once it would reach max bytes, so

@@ -19,15 +19,15 @@ const deflateWindow = 4096
 // Compressors and decompressors are kept for reuse; each is reset per
 // cluster.
 var (
-	deflateWriters = formats.NewFreeList(func() *flate.Writer {
+	deflateWriters = formats.NewFreeList(0, func() *flate.Writer {
 		w, err := flate.NewWriterWindow(io.Discard, deflateWindow)
 		if err != nil {
 			panic(err) // deflateWindow is a valid constant window
 		}
 		return w
 	})
-	deflateReaders = formats.NewFreeList(func() io.ReadCloser { return flate.NewReader(bytes.NewReader(nil)) })
-	zstdReaders    = formats.NewFreeList(func() *zstd.Decoder {
+	deflateReaders = formats.NewFreeList(0, func() io.ReadCloser { return flate.NewReader(bytes.NewReader(nil)) })
+	zstdReaders    = formats.NewFreeList(0, func() *zstd.Decoder {
 		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(64<<20))
 		if err != nil {
 			panic(err) // the options are valid constants
@@ -128,11 +128,93 @@ func (img *Image) readCompressed(e L2Entry, guest int64) ([]byte, error) {
 		return nil, fmt.Errorf("%s: reading compressed cluster at host offset %#x: %w", img.file.Name(), host, err)
 	}
 	out := make([]byte, img.lay.ClusterSize)
-	if err := img.decompress(out, src); err != nil {
-		return nil, fmt.Errorf("%s: compressed cluster at host offset %#x (guest offset %#x) is unreadable (%v): %w",
-			img.file.Name(), host, guest&^(img.lay.ClusterSize-1), err, formats.ErrCorrupt)
+	if err := img.decompressAt(out, src, host, guest); err != nil {
+		return nil, err
 	}
 	return out, nil
+}
+
+// decompressAt is decompress with the error naming the cluster.
+func (img *Image) decompressAt(out, src []byte, host uint64, guest int64) error {
+	if err := img.decompress(out, src); err != nil {
+		return fmt.Errorf("%s: compressed cluster at host offset %#x (guest offset %#x) is unreadable (%v): %w",
+			img.file.Name(), host, guest&^(img.lay.ClusterSize-1), err, formats.ErrCorrupt)
+	}
+	return nil
+}
+
+// compressedSpan bounds the host bytes that one read of a run of
+// compressed clusters covers: about ten 64 KiB clusters of disk data.
+const compressedSpan = 256 << 10
+
+// spanBufs holds buffers of compressedSpan bytes for those reads, one
+// for each of the requests convert may have in flight.
+var spanBufs = formats.NewFreeList(32, func() []byte { return make([]byte, compressedSpan) })
+
+// readCompressedRun reads guest bytes into p from the compressed cluster
+// m maps at off and from the compressed clusters right after it: convert
+// -c stores them one after another, so one read of the host file serves
+// a whole run instead of one small read per cluster. It returns how many
+// bytes of p it filled; the caller looks up what follows the run.
+func (img *Image) readCompressedRun(l1 []uint64, p []byte, off int64, m mapping) (int, error) {
+	type unit struct {
+		off, n     int64 // guest range, within one cluster
+		host, size int64
+	}
+	h0, size := img.lay.CompressedDescriptor(m.entry)
+	host := int64(h0)
+	units := []unit{{off, m.length, host, size}}
+	start, end := host, host+size
+	done := m.length
+	for done < int64(len(p)) {
+		img.mu.Lock()
+		next, err := img.lookupIn(l1, off+done, int64(len(p))-done)
+		img.mu.Unlock()
+		if err != nil || next.typ != Compressed {
+			break
+		}
+		hu, s := img.lay.CompressedDescriptor(next.entry)
+		h := int64(hu)
+		// Descriptors round sizes up to sectors, so neighbours overlap;
+		// a cluster elsewhere in the file ends the run.
+		if h < start || h > end+img.lay.ClusterSize || h+s-start > compressedSpan {
+			break
+		}
+		units = append(units, unit{off + done, next.length, h, s})
+		end = max(end, h+s)
+		done += next.length
+	}
+	var buf []byte
+	if end-start <= compressedSpan {
+		buf = spanBufs.Get()[:end-start]
+		defer spanBufs.Put(buf[:compressedSpan])
+	} else {
+		buf = make([]byte, end-start)
+	}
+	if _, err := img.file.ReadAt(buf, start); err != nil {
+		return 0, fmt.Errorf("%s: reading compressed clusters at host offset %#x: %w", img.file.Name(), start, err)
+	}
+	cs := img.lay.ClusterSize
+	var whole []byte
+	for _, u := range units {
+		src := buf[u.host-start : u.host-start+u.size]
+		dst := p[u.off-off : u.off-off+u.n]
+		if u.n == cs {
+			// A whole cluster inflates straight into p.
+			if err := img.decompressAt(dst, src, uint64(u.host), u.off); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		if whole == nil {
+			whole = make([]byte, cs)
+		}
+		if err := img.decompressAt(whole, src, uint64(u.host), u.off); err != nil {
+			return 0, err
+		}
+		copy(dst, whole[u.off&(cs-1):])
+	}
+	return int(done), nil
 }
 
 // WriteCompressed stores compressed data (from Compress) as the cluster

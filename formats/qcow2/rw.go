@@ -31,6 +31,14 @@ func (img *Image) readAtIn(l1 []uint64, p []byte, off int64) (int, error) {
 		if err != nil {
 			return done, err
 		}
+		if m.typ == Compressed {
+			k, err := img.readCompressedRun(l1, p[done:n], off+int64(done), m)
+			if err != nil {
+				return done, err
+			}
+			done += k
+			continue
+		}
 		if err := img.readMapping(p[done:done+int(m.length)], off+int64(done), m); err != nil {
 			return done, err
 		}

@@ -21,7 +21,7 @@ import (
 const zlibLevel = 6
 
 var (
-	zlibWriters = formats.NewFreeList(func() *zlib.Writer {
+	zlibWriters = formats.NewFreeList(0, func() *zlib.Writer {
 		w, err := zlib.NewWriterLevel(io.Discard, zlibLevel)
 		if err != nil {
 			panic(err) // zlibLevel is a valid constant level
@@ -29,7 +29,7 @@ var (
 		return w
 	})
 	// zlib readers can only be made from a stream: build makes none.
-	zlibReaders = formats.NewFreeList(func() io.ReadCloser { return nil })
+	zlibReaders = formats.NewFreeList(0, func() io.ReadCloser { return nil })
 )
 
 // appendWriter appends what is written to buf.

@@ -25,8 +25,9 @@
 //
 // Scenarios (-only matches their names): convert/* and convert-c/*
 // (same command line for both, plus -W -m 16), fuse/seqread,
-// fuse/randread (fio), fuse/tar, fuse/write, sparse/empty and
-// sparse/scattered. Each runs -runs times, the sides alternating and
+// fuse/randread (fio; cold, and beyond the issue with the image file
+// in the host's page cache), fuse/tar, fuse/write, sparse/empty and
+// sparse/scattered (cold and warm). Each runs -runs times, the sides alternating and
 // taking turns to go first. What makes the comparison fair:
 //
 //   - Every measured run of every side starts after sync and
