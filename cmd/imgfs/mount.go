@@ -41,7 +41,7 @@ func init() {
 			Usage:     "mount a directory of images (or one image) as a FUSE filesystem",
 			ArgsUsage: "SOURCE MOUNTPOINT",
 			Flags: []cli.Flag{
-				&cli.StringSliceFlag{Name: "o", Usage: "mount options: ro, allow_other, allow_root, default_permissions, uid=N, gid=N, allow_outside, key_file=PATH, ..."},
+				&cli.StringSliceFlag{Name: "o", Usage: "mount options: ro, allow_other, allow_root, default_permissions, uid=N, gid=N, allow_outside, key_file=PATH, read_ahead_kb=N, ..."},
 				&cli.BoolFlag{Name: "f", Usage: "stay in the foreground"},
 			},
 			Action: runMount,
@@ -121,6 +121,12 @@ func parseMountOptions(values []string) (*mountConfig, error) {
 					return nil, err
 				}
 				cfg.keyFile = abs
+			case hasVal && name == "read_ahead_kb":
+				kb, err := strconv.Atoi(val)
+				if err != nil || kb < 0 {
+					return nil, fmt.Errorf("invalid mount option '%s': not a number", o)
+				}
+				cfg.fs.ReadAheadKB = kb
 			case hasVal && name == "fsname":
 				cfg.mo.FsName = val
 			case hasVal && name == "subtype":
