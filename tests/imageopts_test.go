@@ -142,6 +142,7 @@ var imageOptsCases = []imageOptsCase{
 	optsCase("convert", "-O", "raw", "--image-opts", window, "out.raw"),
 	optsCase("convert", "-O", "qcow2", "--image-opts", window, "out.qcow2"),
 	optsCase("dd", "--image-opts", "if=driver=raw,offset=1M,file.filename=r.raw", "of=dd.raw", "bs=64k", "count=40"),
+	optsCase("dd", "--image-opts", "if=driver=raw,offset=1M,file.filename=r.raw", "of=driver=raw,offset=2M,file.filename=w.raw", "bs=64k", "count=20").changing("w.raw"),
 	optsCase("convert", "-n", "src.qcow2", "--target-image-opts", "driver=raw,offset=2M,size=2M,file.filename=w.raw").changing("w.raw"),
 	optsCase("convert", "-n", "src.qcow2", "--target-image-opts", "driver=raw,offset=7M,file.filename=w.raw").changing("w.raw"),
 	optsCase("resize", "--image-opts", "driver=raw,offset=1M,size=4M,file.filename=w.raw", "5M").changing("w.raw"),

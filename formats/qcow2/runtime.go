@@ -12,10 +12,10 @@ import (
 // with (--image-opts driver=qcow2,lazy-refcounts=on,...), in the order
 // qcow2_update_options_prepare reads them, plus the encryption format
 // of the "encrypt." group and the external data file. imgfs honours
-// lazy-refcounts and data-file.filename; the cache,
-// overlap-check and discard options tune QEMU's own caches, metadata
-// checks and discard passing, which imgfs does its own way, and are
-// checked as QEMU checks them.
+// lazy-refcounts, pass-discard-request=off and data-file.filename; the
+// cache, overlap-check and other discard options tune QEMU's own
+// caches, metadata checks and discard passing, which imgfs does its own
+// way, and are checked as QEMU checks them.
 var runtimeOptions = func() []formats.OptionSpec {
 	specs := []formats.OptionSpec{
 		{Name: "lazy-refcounts", Type: formats.OptBool, Help: "Postpone refcount updates"},
@@ -56,7 +56,14 @@ type runtimeSettings struct {
 	// dataFile, when not "", is the external data file to use instead
 	// of the one the header names.
 	dataFile string
+	// keepRequestDiscards: pass-discard-request=off, host clusters that
+	// discards and zero writes free are not punched in the file.
+	keepRequestDiscards bool
 }
+
+// passDiscardRequest reports whether host clusters freed by a discard
+// or a zero write are deallocated in the file too.
+func (rs runtimeSettings) passDiscardRequest() bool { return !rs.keepRequestDiscards }
 
 // parseRuntime checks the runtime options against the image header h as
 // qcow2_update_options_prepare does, with its messages, and returns the
@@ -73,6 +80,7 @@ func parseRuntime(o *formats.OpenOptions, h *Header) (runtimeSettings, error) {
 	if n, _ := rt.Uint("cache-clean-interval"); n > math.MaxUint32 {
 		return rs, errorf(formats.ErrInvalidOption, "Cache clean interval too big")
 	}
+	rs.keepRequestDiscards = rt.Has("pass-discard-request") && !rt.Bool("pass-discard-request")
 	if rt.Has("lazy-refcounts") {
 		rs.lazySet, rs.lazyRefcounts = true, rt.Bool("lazy-refcounts")
 		if rs.lazyRefcounts && h.Version < 3 {

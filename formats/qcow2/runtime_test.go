@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"syscall"
 	"testing"
 
 	"github.com/imgfs/imgfs/formats"
@@ -63,4 +64,55 @@ func TestLazyRefcountsOption(t *testing.T) {
 			mustBeClean(t, ours)
 		})
 	}
+}
+
+// TestPassDiscardRequestOption: with pass-discard-request=off a discard
+// frees the clusters in the image but leaves them allocated in the file,
+// as qemu-io shows.
+func TestPassDiscardRequestOption(t *testing.T) {
+	haveQemu(t)
+	for _, option := range []string{"", "on", "off"} {
+		t.Run(option, func(t *testing.T) {
+			dir := t.TempDir()
+			ref, ours := filepath.Join(dir, "ref.qcow2"), filepath.Join(dir, "ours.qcow2")
+			var runtime map[string]string
+			imageOpts := "driver=qcow2,file.filename=" + ref
+			if option != "" {
+				runtime = map[string]string{"pass-discard-request": option}
+				imageOpts += ",pass-discard-request=" + option
+			}
+			for _, name := range []string{ref, ours} {
+				execOut(t, "qemu-img", "create", "-q", "-f", "qcow2", name, "8M")
+			}
+			execOut(t, "qemu-io", "--image-opts", imageOpts, "-c", "write 0 2M", "-c", "discard 0 1M")
+			img, err := formats.Open(ours, formats.OpenOptions{Format: "qcow2", Runtime: runtime})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := img.WriteAt(make([]byte, 2<<20), 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := img.(formats.Discarder).Discard(0, 1<<20); err != nil {
+				t.Fatal(err)
+			}
+			if err := img.Close(); err != nil {
+				t.Fatal(err)
+			}
+			// A punched megabyte is 2048 sectors; the file system's own
+			// metadata may differ by a few.
+			want, got := allocatedSectors(t, ref), allocatedSectors(t, ours)
+			if max(want-got, got-want) > 64 {
+				t.Errorf("file allocation: qemu-io %d sectors, ours %d", want, got)
+			}
+		})
+	}
+}
+
+func allocatedSectors(t *testing.T, name string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(name, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks
 }

@@ -201,7 +201,7 @@ func (img *Image) zeroize(start, end int64, unmap bool) error {
 			lay.WriteL2Entry(t.data, i, newE)
 			t.dirty = true
 			if free {
-				if err := img.freeEntry(old, true); err != nil {
+				if err := img.freeEntry(old, img.runtime.passDiscardRequest()); err != nil {
 					return err
 				}
 			}
@@ -278,7 +278,7 @@ func (img *Image) discardClusters(start, end int64) error {
 		}
 		lay.WriteL2Entry(t.data, i, newE)
 		t.dirty = true
-		if err := img.freeEntry(old, true); err != nil {
+		if err := img.freeEntry(old, img.runtime.passDiscardRequest()); err != nil {
 			return err
 		}
 	}

@@ -131,6 +131,21 @@ func truncate(f *formats.File, size int64, mode prealloc) error {
 	return formats.Errorf(formats.ErrUnsupported, "Unsupported preallocation mode: metadata")
 }
 
+// TruncateFile is the file protocol's truncate for the drivers that sit
+// on a host file as QEMU's sit on file-posix (raw, luks): it sets f to
+// exactly size bytes, filling a grown part as the preallocation mode
+// prealloc asks ("" is off).
+func TruncateFile(f *formats.File, size int64, prealloc string) error {
+	mode := preallocOff
+	if prealloc != "" {
+		var err error
+		if mode, err = parsePrealloc(prealloc); err != nil {
+			return err
+		}
+	}
+	return truncate(f, size, mode)
+}
+
 // allocate reserves [off, off+length) as posix_fallocate does: with
 // fallocate, or by writing zeroes where the file system cannot.
 func allocate(f *formats.File, off, length int64) error {

@@ -358,13 +358,6 @@ func (img *Image) Resize(size int64, prealloc string, shrink bool) error {
 	if img.readOnly {
 		return formats.ErrReadOnly
 	}
-	mode := preallocOff
-	if prealloc != "" {
-		var err error
-		if mode, err = parsePrealloc(prealloc); err != nil {
-			return err
-		}
-	}
 	if size < img.size && !shrink {
 		return errors.New("Use the --shrink option to perform a shrink operation.")
 	}
@@ -374,7 +367,7 @@ func (img *Image) Resize(size int64, prealloc string, shrink bool) error {
 	if size > math.MaxInt64-img.offset {
 		return formats.Errorf(formats.ErrInvalidOption, "Disk size too large for the chosen offset")
 	}
-	if err := truncate(img.f, img.offset+size, mode); err != nil {
+	if err := TruncateFile(img.f, img.offset+size, prealloc); err != nil {
 		return err
 	}
 	img.size = roundUp(size)
