@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"math"
+	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -29,7 +32,7 @@ import (
 //	resize  [--shrink] [--preallocation MODE] [+|-]SIZE   (SIZE is the last field)
 //	snapshot -c|-a|-d NAME
 //	convert [-c] -O FMT [-o OPTS] [-r RATE] OUTPUT   (OUTPUT relative to SOURCE)
-//	amend   -o OPTS [--force]
+//	amend   -o OPTS [--force] [--object secret,id=ID,data=DATA|file=PATH]...
 //	bitmap  (--add|--remove|--clear|--enable|--disable|--merge SRC)... [-g GRAN] NAME
 //	check   -r leaks|all
 //
@@ -38,6 +41,14 @@ import (
 // CLI behave alike; RATE is bytes per second with qemu-img's suffixes.
 // The image itself is never named: it is the directory.
 // A malformed line fails with EINVAL before anything is opened.
+//
+// amend's secrets are what LUKS key slot options (new-secret,
+// old-secret) name: the mount's passphrase (-o key_file) is the secret
+// imgfs-mount-key, and --object defines more as qemu-img's does, its
+// data raw (",," is a comma; a value with blanks goes in a file). A file
+// is read relative to, and must lie inside, the mounted directory unless
+// the mount allows outside paths, as for convert's output: the mount may
+// read what the writer of ctl cannot.
 
 // errUsage tags a command line ctl cannot read; it becomes EINVAL.
 var errUsage = errors.New("invalid ctl command")
@@ -84,7 +95,7 @@ var ctlCommands = map[string]ctlFlags{
 	"resize":   {"--shrink": false, "--preallocation": true},
 	"snapshot": {"-c": true, "-a": true, "-d": true},
 	"convert":  {"-c": false, "-O": true, "-o": true, "-r": true},
-	"amend":    {"-o": true, "--force": false},
+	"amend":    {"-o": true, "--force": false, "--object": true},
 	"bitmap": {"--add": false, "--remove": false, "--clear": false, "--enable": false,
 		"--disable": false, "--merge": true, "-g": true},
 	"check": {"-r": true},
@@ -241,7 +252,7 @@ func (h *ctlHandle) Write(ctx context.Context, data []byte, off int64) (uint32, 
 	}
 	n.st.end(err)
 	if err != nil {
-		n.dir.t.logf("imgfs: %s: ctl %q: %v", n.dir.path, strings.TrimSpace(string(data)), err)
+		n.dir.t.logf("imgfs: %s: ctl %q: %v", n.dir.path, redactSecrets(strings.TrimSpace(string(data))), err)
 		return 0, Errno(err)
 	}
 	return uint32(len(data)), 0
@@ -319,9 +330,105 @@ func (d *imageDir) ctlAmend(l *ctlLine, st *opState) error {
 	if !ok {
 		return formats.Errorf(errUsage, "amend: %v", control.ErrAmendNoOptions)
 	}
+	secrets, err := d.ctlSecrets(l)
+	if err != nil {
+		return err
+	}
 	return d.modify(true, func(img formats.Image) error {
-		return control.Amend(control.AmendOptions{Image: img, Options: opts, Force: l.has("--force"), Progress: st.progress()})
+		return control.Amend(control.AmendOptions{Image: img, Options: opts, Force: l.has("--force"),
+			Secrets: secrets, Progress: st.progress()})
 	})
+}
+
+// secretProps are the properties of a ctl line's secret object.
+var secretProps = []formats.OptionSpec{
+	{Name: "id", Type: formats.OptString},
+	{Name: "data", Type: formats.OptString},
+	{Name: "file", Type: formats.OptString},
+}
+
+// ctlSecrets returns the secrets a line's options may name, by id: the
+// mount's passphrase and the line's --object definitions.
+func (d *imageDir) ctlSecrets(l *ctlLine) (map[string][]byte, error) {
+	secrets := maps.Clone(d.t.src.secrets)
+	if secrets == nil {
+		secrets = map[string][]byte{}
+	}
+	for _, o := range l.opts {
+		if o.name != "--object" {
+			continue
+		}
+		def, ok := strings.CutPrefix(o.value, "secret,")
+		if !ok {
+			return nil, usagef("%s: --object takes secret,id=ID,data=DATA|file=PATH", l.cmd)
+		}
+		props := formats.NewOptions(secretProps)
+		if err := props.Parse(def); err != nil {
+			return nil, formats.Errorf(errUsage, "%s: --object: %v", l.cmd, err)
+		}
+		id := props.String("id")
+		_, dup := secrets[id]
+		switch {
+		case id == "":
+			return nil, usagef("%s: --object: Parameter 'id' is missing", l.cmd)
+		case dup:
+			return nil, usagef("%s: --object: secret '%s' is defined already", l.cmd, id)
+		case props.Has("data") && props.Has("file"):
+			return nil, usagef("%s: --object: 'data' and 'file' are mutually exclusive", l.cmd)
+		case props.Has("data"):
+			secrets[id] = []byte(props.String("data"))
+		case props.Has("file"):
+			data, err := d.readSecretFile(props.String("file"))
+			if err != nil {
+				return nil, err
+			}
+			secrets[id] = data
+		default:
+			return nil, usagef("%s: --object: Either 'file' or 'data' must be provided", l.cmd)
+		}
+	}
+	return secrets, nil
+}
+
+// maxSecretFile bounds what a secret file may hold: a passphrase, not
+// a file the mount reads whole into memory.
+const maxSecretFile = 1 << 20
+
+// readSecretFile reads a secret object's file, with convert's rule for
+// paths outside the mounted directory.
+func (d *imageDir) readSecretFile(name string) ([]byte, error) {
+	path := name
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(d.t.src.dir, path)
+	}
+	if !d.t.src.allowOutside && !d.t.src.inside(path) {
+		return nil, formats.Errorf(errOutside, "secret file '%s' is outside the mounted directory %s", name, d.t.src.dir)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxSecretFile+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > maxSecretFile {
+		return nil, formats.Errorf(errUsage, "secret file '%s' is larger than %d bytes", name, maxSecretFile)
+	}
+	return data, nil
+}
+
+// redactSecrets hides the definitions of --object in a command line
+// before it is logged: they may carry passphrases.
+func redactSecrets(line string) string {
+	fields := strings.Fields(line)
+	for i := 1; i < len(fields); i++ {
+		if fields[i-1] == "--object" {
+			fields[i] = "(secret)"
+		}
+	}
+	return strings.Join(fields, " ")
 }
 
 func (d *imageDir) ctlBitmap(l *ctlLine) error {

@@ -133,17 +133,32 @@ func (n *diskNode) resize(size uint64) syscall.Errno {
 	}
 	defer d.release()
 	return Errno(d.withImage(func(img formats.Image) error {
-		r, ok := img.(formats.Resizer)
-		if !ok {
-			return formats.ErrUnsupported
-		}
 		if size > 1<<62 {
 			return syscall.EFBIG
 		}
-		err := r.Resize(int64(size), "", true)
+		err := resizeImage(img, int64(size), true)
 		d.changed()
 		return err
 	}))
+}
+
+// resizeImage resizes img for truncate or fallocate. A file grown so
+// reads as zeroes, so the grown range of an image that reads as noise
+// when new (LUKS, whose new sectors decrypt garbage) is written with
+// zeroes, which imgfs resize, like qemu-img's, does not do.
+func resizeImage(img formats.Image, size int64, shrink bool) error {
+	r, ok := img.(formats.Resizer)
+	if !ok {
+		return formats.ErrUnsupported
+	}
+	old := img.Size()
+	if err := r.Resize(size, "", shrink); err != nil {
+		return err
+	}
+	if zi, ok := img.(formats.ZeroInitReporter); ok && !zi.HasZeroInit() && img.Size() > old {
+		return zero(img, old, img.Size(), false)
+	}
+	return nil
 }
 
 func (h *diskHandle) Release(ctx context.Context) syscall.Errno {
@@ -220,11 +235,7 @@ func (h *diskHandle) Allocate(ctx context.Context, off, length uint64, mode uint
 	zeroed := false
 	err := h.dir.withImage(func(img formats.Image) error {
 		if mode&unix.FALLOC_FL_KEEP_SIZE == 0 && end > img.Size() {
-			r, ok := img.(formats.Resizer)
-			if !ok {
-				return formats.ErrUnsupported
-			}
-			err := r.Resize(end, "", false)
+			err := resizeImage(img, end, false)
 			h.dir.changed()
 			if err != nil {
 				return err

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 
 	"github.com/imgfs/imgfs/formats"
 )
@@ -35,15 +36,18 @@ type Image struct {
 	f        *formats.File
 	hdr      *Header
 	readOnly bool
-	size     int64
-	payload  int64 // host offset of guest byte 0
+	// size changes only under mu (Resize); reads load it without.
+	size    atomic.Int64
+	payload int64 // host offset of guest byte 0
 	// c is nil when the image was opened without I/O (info), which
 	// needs no key.
 	c *SectorCipher
 
 	// mu serialises writes: a write of part of a sector reads, changes
 	// and rewrites the whole sector, which must not interleave with
-	// another write to it. Amend holds it while it changes hdr.
+	// another write to it. Amend holds it while it changes hdr, Resize
+	// while it changes the file and size, so that no write checked
+	// against the old size lands past a shrunken end.
 	mu sync.Mutex
 }
 
@@ -54,6 +58,7 @@ var (
 	_ formats.AllocatedSizer   = (*Image)(nil)
 	_ formats.ZeroInitReporter = (*Image)(nil)
 	_ formats.Amender          = (*Image)(nil)
+	_ formats.Resizer          = (*Image)(nil)
 )
 
 func open(f *formats.File, o *formats.OpenOptions) (formats.Image, error) {
@@ -75,9 +80,7 @@ func openImage(f *formats.File, o *formats.OpenOptions) (*Image, error) {
 		return nil, err
 	}
 	img := &Image{f: f, hdr: hdr, readOnly: o.ReadOnly, payload: hdr.PayloadOffset()}
-	// QEMU's crypto driver reports the file beyond the payload offset,
-	// in whole sectors.
-	img.size = max(fileSize-img.payload, 0) &^ (SectorSize - 1)
+	img.size.Store(payloadSize(fileSize, img.payload))
 	if o.NoIO {
 		return img, nil
 	}
@@ -104,7 +107,15 @@ func lookupSecretData(id string, secrets map[string][]byte) ([]byte, error) {
 	return data, nil
 }
 
-func (img *Image) Size() int64      { return img.size }
+// payloadSize is the virtual size of a LUKS file of fileSize bytes: QEMU's
+// crypto driver reports the file beyond the payload offset, and the file
+// protocol counts a file's length in whole sectors, so a partial last
+// sector (left by a resize to an unaligned size) counts as a whole one.
+func payloadSize(fileSize, payload int64) int64 {
+	return (max(fileSize-payload, 0) + SectorSize - 1) &^ (SectorSize - 1)
+}
+
+func (img *Image) Size() int64      { return img.size.Load() }
 func (img *Image) Format() string   { return "luks" }
 func (img *Image) Filename() string { return img.f.Name() }
 
@@ -125,14 +136,15 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("read at negative offset %d: %w", off, formats.ErrInvalidOption)
 	}
-	if off >= img.size {
+	size := img.size.Load()
+	if off >= size {
 		return 0, io.EOF
 	}
 	if len(p) == 0 {
 		return 0, nil
 	}
 	var eof error
-	if rest := img.size - off; int64(len(p)) > rest {
+	if rest := size - off; int64(len(p)) > rest {
 		p, eof = p[:rest], io.EOF
 	}
 	if err := img.read(p, off); err != nil {
@@ -168,16 +180,16 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if img.c == nil {
 		return 0, errNoKey
 	}
-	if off < 0 || off+int64(len(p)) > img.size {
-		return 0, fmt.Errorf("write of %d bytes at %d past the image size %d: %w", len(p), off, img.size, formats.ErrInvalidOption)
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	if size := img.size.Load(); off < 0 || off+int64(len(p)) > size {
+		return 0, fmt.Errorf("write of %d bytes at %d past the image size %d: %w", len(p), off, size, formats.ErrInvalidOption)
 	}
 	if len(p) == 0 {
 		return 0, nil
 	}
 	start, end := span(off, len(p))
 	buf := make([]byte, end-start)
-	img.mu.Lock()
-	defer img.mu.Unlock()
 	if start != off {
 		if err := img.read(buf[:SectorSize], start); err != nil {
 			return 0, err
@@ -222,10 +234,11 @@ func (img *Image) HasZeroInit() bool { return false }
 // BlockStatus reports everything as data: like QEMU's crypto driver,
 // LUKS has no allocation map of its own.
 func (img *Image) BlockStatus(off, length int64) (formats.Extent, error) {
-	if off < 0 || off >= img.size {
+	size := img.size.Load()
+	if off < 0 || off >= size {
 		return formats.Extent{}, io.EOF
 	}
-	return formats.Extent{Length: min(length, img.size-off), Status: formats.StatusData}, nil
+	return formats.Extent{Length: min(length, size-off), Status: formats.StatusData}, nil
 }
 
 // Amend adds or erases key slots (block_crypto_amend_options_luks).
