@@ -3,7 +3,6 @@ package tests
 import (
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -37,18 +36,7 @@ func TestFUSECtlErrno(t *testing.T) {
 	})
 	mnt := mountImgfs(t, src)
 	// qemu-io stands for a VM that has busy.qcow2 open for writing.
-	vm := exec.Command(qemuIOPath, "-f", "qcow2", "-c", "sleep 600000", "busy.qcow2")
-	vm.Dir = src
-	if err := vm.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { vm.Process.Kill(); vm.Wait() })
-	for try := 0; run(t, src, qemuImg, "info", "busy.qcow2").code == 0; try++ {
-		if try == 100 {
-			t.Fatal("qemu-io did not lock busy.qcow2")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	holdImage(t, src, "qcow2", "busy.qcow2")
 
 	for _, tc := range []struct {
 		image, line, msg string

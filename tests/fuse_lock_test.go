@@ -61,22 +61,69 @@ func afterRelease(t *testing.T, dir, prog string, args ...string) {
 // file, as /proc/locks shows ("1: OFDLCK ADVISORY READ -1 08:01:1234 201 201").
 func waitLockByte(t *testing.T, file string, off int) {
 	t.Helper()
+	waitLockByteOf(t, file, off, nil)
+}
+
+// waitLockByteOf is waitLockByte while holder runs: a holder that exits
+// fails the test at once with its output. Starting qemu-io takes seconds
+// on a loaded machine, so the wait is long.
+func waitLockByteOf(t *testing.T, file string, off int, holder *exec.Cmd) {
+	t.Helper()
 	st, err := os.Stat(file)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ino := ":" + strconv.FormatUint(st.Sys().(*syscall.Stat_t).Ino, 10)
-	for try := 0; try < 100; try++ {
+	for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); {
 		locks, _ := os.ReadFile("/proc/locks")
 		for _, line := range strings.Split(string(locks), "\n") {
 			f := strings.Fields(line)
-			if len(f) >= 8 && strings.HasSuffix(f[5], ino) && f[6] == strconv.Itoa(off) {
+			// The kernel merges neighbouring locks: "100 101" is one.
+			if len(f) >= 8 && strings.HasSuffix(f[5], ino) && lockCovers(f[6], f[7], off) {
 				return
 			}
+		}
+		if holder != nil && holder.ProcessState != nil {
+			t.Fatalf("%s exited before locking %s: %v", holder.Path, file, holder.ProcessState)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatalf("nobody locked byte %d of %s", off, file)
+}
+
+// lockCovers reports whether the /proc/locks range start..end covers
+// byte off.
+func lockCovers(start, end string, off int) bool {
+	a, err := strconv.Atoi(start)
+	if err != nil || a > off {
+		return false
+	}
+	b, err := strconv.Atoi(end)
+	return end == "EOF" || err == nil && off <= b
+}
+
+// holdImage starts qemu-io holding file (in dir) open for writing, as a
+// running VM does, and returns once it holds QEMU's write lock (byte
+// 101, RAW_LOCK_PERM_BASE + BLK_PERM_WRITE). It is killed when the test
+// ends.
+func holdImage(t *testing.T, dir, format, file string) {
+	t.Helper()
+	cmd := exec.Command(qemuIOPath, "-f", format, "-c", "sleep 600000", file)
+	cmd.Dir = dir
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+	waitLockByteOf(t, filepath.Join(dir, file), 101, cmd)
+	select {
+	case <-exited:
+		t.Fatalf("qemu-io exited: %s", out.String())
+	default:
+	}
 }
 
 // TestFUSELocks checks that the mount takes QEMU's locks as qemu-img
@@ -163,21 +210,8 @@ func TestFUSELocks(t *testing.T) {
 		// after close(2) returned: a VM could not start before.
 		afterRelease(t, src, qemuIOPath, "-f", "qcow2", "-c", "write -P 1 0 4k", "a.qcow2")
 		// qemu-io stands for a VM writing the images.
-		for _, img := range []struct{ format, file string }{{"qcow2", "a.qcow2"}, {"raw", "b.img"}} {
-			cmd := exec.Command(qemuIOPath, "-f", img.format, "-c", "sleep 600000", img.file)
-			cmd.Dir = src
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		}
-		// It holds the write lock once qemu-img info no longer opens.
-		for try := 0; run(t, src, qemuImg, "info", "a.qcow2").code == 0; try++ {
-			if try == 100 {
-				t.Fatal("qemu-io did not lock a.qcow2")
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		holdImage(t, src, "qcow2", "a.qcow2")
+		holdImage(t, src, "raw", "b.img")
 		// Our qcow2 reader denies writing, as qemu-img's does: it cannot
 		// have the image a writer has. A raw reader shares everything.
 		for _, c := range []struct {

@@ -4,12 +4,10 @@ import (
 	"bytes"
 	"encoding/binary"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 )
 
 // imageOptsFixtures are the files every --image-opts case starts with.
@@ -280,22 +278,7 @@ func TestImageOpts(t *testing.T) {
 func TestImageOptsLockingOff(t *testing.T) {
 	dir := t.TempDir()
 	runSteps(t, dir, []step{create("busy.qcow2", "1M", "")})
-	holder := exec.Command(qemuIOPath, "-f", "qcow2", "-c", "sleep 600000", "busy.qcow2")
-	holder.Dir = dir
-	if err := holder.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		holder.Process.Kill()
-		holder.Wait()
-	}()
-	// qemu-io can take seconds to start on a loaded machine.
-	for deadline := time.Now().Add(time.Minute); run(t, dir, qemuImg, "info", "busy.qcow2").code == 0; {
-		if time.Now().After(deadline) {
-			t.Fatal("qemu-io did not lock the image within a minute")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	holdImage(t, dir, "qcow2", "busy.qcow2")
 	for _, args := range [][]string{
 		{"info", "--image-opts", "driver=qcow2,file.filename=busy.qcow2"},
 		{"info", "--image-opts", "driver=qcow2,file.locking=off,file.filename=busy.qcow2"},
