@@ -109,15 +109,6 @@ func Mount(mountpoint string, o Options, mo fuse.MountOptions) (*Server, error) 
 	if o.AllowRoot {
 		mo.AllowOther = true
 	}
-	// Requests of up to 1 MiB (the kernel's limit) and as much readahead
-	// let one sequential reader keep the format driver busy with large
-	// reads instead of 128 KiB ones; each request costs a round trip.
-	if mo.MaxWrite == 0 {
-		mo.MaxWrite = fuse.MAX_KERNEL_WRITE
-	}
-	if mo.MaxReadAhead == 0 {
-		mo.MaxReadAhead = mo.MaxWrite
-	}
 	// open(O_TRUNC) reaches Open as a flag instead of as a truncation,
 	// so disk can ignore it as a block device does (see diskNode.Open).
 	mo.ExtraCapabilities |= fuse.CAP_ATOMIC_O_TRUNC
