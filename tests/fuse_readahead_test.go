@@ -10,7 +10,7 @@ import (
 )
 
 // TestFUSEReadAhead checks that a mount raises its readahead from the
-// kernel's 128 KiB for FUSE to 8 MiB, or to what -o read_ahead_kb says:
+// kernel's 128 KiB for FUSE to 1 MiB, or to what -o read_ahead_kb says:
 // sequential readers, a loop device under a guest filesystem above all,
 // depend on it.
 func TestFUSEReadAhead(t *testing.T) {
@@ -19,7 +19,7 @@ func TestFUSEReadAhead(t *testing.T) {
 	for _, tc := range []struct {
 		opts []string
 		want string
-	}{{nil, "8192"}, {[]string{"ro", "read_ahead_kb=512"}, "512"}} {
+	}{{nil, "1024"}, {[]string{"ro", "read_ahead_kb=512"}, "512"}} {
 		mnt := mountImgfs(t, src, tc.opts...)
 		var st unix.Stat_t
 		if err := unix.Stat(mnt, &st); err != nil {
