@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
-	"slices"
-	"strings"
 	"testing"
 )
 
@@ -110,18 +108,7 @@ func TestAES(t *testing.T) {
 	for _, args := range aesCases() {
 		t.Run(testName(args), func(t *testing.T) {
 			t.Parallel()
-			refDir, ourDir := t.TempDir(), t.TempDir()
-			copyDir(t, template, refDir)
-			copyDir(t, template, ourDir)
-			want := run(t, refDir, qemuImg, args...)
-			got := run(t, ourDir, ours, args...)
-			if d := diffResults(want, got); d != "" {
-				t.Errorf("qemu-img %s:\n%s", strings.Join(args, " "), d)
-			}
-			refFiles, ourFiles := listDir(t, refDir), listDir(t, ourDir)
-			if !slices.Equal(refFiles, ourFiles) {
-				t.Fatalf("files afterwards: qemu-img %q, imgfs %q", refFiles, ourFiles)
-			}
+			refDir, ourDir, refFiles := runBothIn(t, template, args...)
 			for _, f := range refFiles {
 				a, err := os.ReadFile(filepath.Join(refDir, f))
 				if err != nil {

@@ -215,18 +215,7 @@ func TestCLI(t *testing.T) {
 	for _, args := range cliCases {
 		t.Run(testName(append([]string{"qemu-img"}, args...)), func(t *testing.T) {
 			t.Parallel()
-			refDir, ourDir := t.TempDir(), t.TempDir()
-			copyDir(t, template, refDir)
-			copyDir(t, template, ourDir)
-			want := run(t, refDir, qemuImg, args...)
-			got := run(t, ourDir, ours, args...)
-			if d := diffResults(want, got); d != "" {
-				t.Errorf("qemu-img %s:\n%s", strings.Join(args, " "), d)
-			}
-			refFiles, ourFiles := listDir(t, refDir), listDir(t, ourDir)
-			if !slices.Equal(refFiles, ourFiles) {
-				t.Fatalf("files afterwards: qemu-img %q, imgfs %q", refFiles, ourFiles)
-			}
+			refDir, ourDir, refFiles := runBothIn(t, template, args...)
 			for _, f := range refFiles {
 				if slices.Contains(listDir(t, template), f) {
 					continue

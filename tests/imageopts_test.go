@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
 )
 
@@ -242,18 +241,7 @@ func TestImageOpts(t *testing.T) {
 	for _, c := range imageOptsCases {
 		t.Run(testName(c.args), func(t *testing.T) {
 			t.Parallel()
-			refDir, ourDir := t.TempDir(), t.TempDir()
-			copyDir(t, template, refDir)
-			copyDir(t, template, ourDir)
-			want := run(t, refDir, qemuImg, c.args...)
-			got := run(t, ourDir, ours, c.args...)
-			if d := diffResults(want, got); d != "" {
-				t.Errorf("qemu-img %s:\n%s", strings.Join(c.args, " "), d)
-			}
-			refFiles, ourFiles := listDir(t, refDir), listDir(t, ourDir)
-			if !slices.Equal(refFiles, ourFiles) {
-				t.Fatalf("files afterwards: qemu-img %q, imgfs %q", refFiles, ourFiles)
-			}
+			refDir, ourDir, refFiles := runBothIn(t, template, c.args...)
 			for _, f := range c.files {
 				a, _ := os.ReadFile(filepath.Join(refDir, f))
 				b, _ := os.ReadFile(filepath.Join(ourDir, f))

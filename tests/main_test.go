@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -220,4 +221,25 @@ func firstDiff(a, b string) string {
 		}
 	}
 	return fmt.Sprintf("in length: %d vs %d lines", len(al), len(bl))
+}
+
+// runBothIn runs args with qemu-img and with imgfs, each in its own copy
+// of the fixtures in template, and requires the same stdout, stderr and
+// exit code and the same files afterwards; it returns both directories
+// and those files for the caller's comparison of their contents.
+func runBothIn(t *testing.T, template string, args ...string) (refDir, ourDir string, files []string) {
+	t.Helper()
+	refDir, ourDir = t.TempDir(), t.TempDir()
+	copyDir(t, template, refDir)
+	copyDir(t, template, ourDir)
+	want := run(t, refDir, qemuImg, args...)
+	got := run(t, ourDir, ours, args...)
+	if d := diffResults(want, got); d != "" {
+		t.Errorf("qemu-img %s:\n%s", strings.Join(args, " "), d)
+	}
+	refFiles, ourFiles := listDir(t, refDir), listDir(t, ourDir)
+	if !slices.Equal(refFiles, ourFiles) {
+		t.Fatalf("files afterwards: qemu-img %q, imgfs %q", refFiles, ourFiles)
+	}
+	return refDir, ourDir, refFiles
 }
