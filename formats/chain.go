@@ -1,5 +1,10 @@
 package formats
 
+import (
+	"errors"
+	"io"
+)
+
 // ChainExtent is a run of guest bytes as the whole backing chain sees it,
 // the unit of `qemu-img map`.
 type ChainExtent struct {
@@ -36,4 +41,19 @@ func ChainStatus(img Image, off, length int64) (ChainExtent, error) {
 		img, length = backing, min(e.Length, backing.Size()-off)
 		depth++
 	}
+}
+
+// ReadBacking reads guest bytes at off from a backing image (a parent)
+// into p: what lies past its end, or everything when backing is nil,
+// reads as zeroes, as QEMU reads an overlay's unallocated clusters.
+func ReadBacking(backing Image, p []byte, off int64) error {
+	k := int64(0)
+	if backing != nil && off < backing.Size() {
+		k = min(int64(len(p)), backing.Size()-off)
+		if n, err := backing.ReadAt(p[:k], off); err != nil && !(errors.Is(err, io.EOF) && int64(n) == k) {
+			return err
+		}
+	}
+	clear(p[k:])
+	return nil
 }

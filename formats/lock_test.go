@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/imgfs/imgfs/formats"
 	"github.com/imgfs/imgfs/formats/formatstest"
 )
@@ -260,4 +262,38 @@ func createFile(t *testing.T, name string) *formats.File {
 	}
 	t.Cleanup(func() { f.Close() })
 	return f
+}
+
+// TestCloseReleasesLocks: an OFD lock lasts as long as any descriptor of
+// its open file description, such as one a child forked meanwhile holds
+// until it execs (here a dup stands for it). Close must drop the lock
+// bytes itself, or the image stays locked after we are done with it.
+func TestCloseReleasesLocks(t *testing.T) {
+	name := filepath.Join(t.TempDir(), "c.img")
+	if err := os.WriteFile(name, make([]byte, 4096), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f1, err := formats.OpenFile(name, false, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := formats.LockFile(f1, formats.Access{Metadata: true, Write: true}.Perms()); err != nil {
+		t.Fatal(err)
+	}
+	dup, err := unix.Dup(int(f1.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(dup)
+	if err := f1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f2, err := formats.OpenFile(name, false, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f2.Close()
+	if _, err := formats.LockFile(f2, formats.Access{Metadata: true, Write: true}.Perms()); err != nil {
+		t.Fatalf("after Close, with a duplicate descriptor still open: %v", err)
+	}
 }

@@ -11,7 +11,6 @@ package qcow
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -268,7 +267,7 @@ func (img *Image) readCluster(p []byte, pos int64) error {
 	inCluster := pos & (img.clusterSize - 1)
 	switch {
 	case e == 0:
-		return img.readBacking(p, pos)
+		return formats.ReadBacking(img.backing, p, pos)
 	case e&oflagCompressed != 0:
 		data, err := img.readCompressed(e, pos)
 		if err != nil {
@@ -293,21 +292,6 @@ func (img *Image) readCluster(p []byte, pos int64) error {
 	img.crypt.Decrypt(buf, uint64(pos-inCluster+start)/luks.SectorSize)
 	copy(p, buf[inCluster-start:])
 	return nil
-}
-
-// readBacking reads p at guest offset pos from the backing image; bytes
-// past its end read as zeroes.
-func (img *Image) readBacking(p []byte, pos int64) error {
-	clear(p)
-	if img.backing == nil || pos >= img.backing.Size() {
-		return nil
-	}
-	k := min(int64(len(p)), img.backing.Size()-pos)
-	_, err := img.backing.ReadAt(p[:k], pos)
-	if errors.Is(err, io.EOF) {
-		err = nil
-	}
-	return err
 }
 
 // WriteAt writes guest bytes, allocating clusters at the end of the file
@@ -415,7 +399,7 @@ func (img *Image) writableCluster(pos, n int64) (int64, error) {
 		}
 	case img.backing != nil:
 		old = make([]byte, img.clusterSize)
-		if err := img.readBacking(old, pos&^(img.clusterSize-1)); err != nil {
+		if err := formats.ReadBacking(img.backing, old, pos&^(img.clusterSize-1)); err != nil {
 			return 0, err
 		}
 	case img.crypt != nil:

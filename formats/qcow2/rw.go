@@ -70,7 +70,7 @@ func (img *Image) readLocked(p []byte, off int64) error {
 func (img *Image) readMapping(p []byte, off int64, m mapping) error {
 	switch m.typ {
 	case Unallocated, UnallocatedAlloc:
-		return img.readBacking(p, off)
+		return formats.ReadBacking(img.backing, p, off)
 	case ZeroPlain, ZeroAlloc:
 		clear(p)
 	case Normal:
@@ -87,25 +87,6 @@ func (img *Image) readMapping(p []byte, off int64, m mapping) error {
 		}
 		copy(p, buf[off&(img.lay.ClusterSize-1):])
 	}
-	return nil
-}
-
-// readBacking reads guest bytes from the backing image; what lies past
-// its end, or everything without one, reads as zeroes.
-func (img *Image) readBacking(p []byte, off int64) error {
-	if img.backing == nil {
-		clear(p)
-		return nil
-	}
-	bsize := img.backing.Size()
-	k := int64(0)
-	if off < bsize {
-		k = min(int64(len(p)), bsize-off)
-		if n, err := img.backing.ReadAt(p[:k], off); err != nil && !(err == io.EOF && int64(n) == k) {
-			return err
-		}
-	}
-	clear(p[k:])
 	return nil
 }
 

@@ -12,7 +12,6 @@ package qed
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"math/bits"
@@ -339,7 +338,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 		buf := p[done : done+r.length]
 		switch r.kind {
 		case unallocated:
-			err = img.readBacking(buf, off+done)
+			err = formats.ReadBacking(img.backing, buf, off+done)
 		case zero:
 			clear(buf)
 		case data:
@@ -354,21 +353,6 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 		return int(n), io.EOF
 	}
 	return int(n), nil
-}
-
-// readBacking is qed_read_backing_file: p at guest offset pos from the
-// backing image, zeroes past its end.
-func (img *Image) readBacking(p []byte, pos int64) error {
-	clear(p)
-	if img.backing == nil || pos >= img.backing.Size() {
-		return nil
-	}
-	k := min(int64(len(p)), img.backing.Size()-pos)
-	_, err := img.backing.ReadAt(p[:k], pos)
-	if errors.Is(err, io.EOF) {
-		err = nil
-	}
-	return err
 }
 
 // WriteAt writes guest bytes. A write that does not fit in Size fails
@@ -499,10 +483,10 @@ func (img *Image) allocate(pos, n int64, p []byte, wasZero bool) error {
 		head := make([]byte, pos-first)
 		tail := make([]byte, first+nclusters*cs-(pos+n))
 		if !wasZero {
-			if err := img.readBacking(head, first); err != nil {
+			if err := formats.ReadBacking(img.backing, head, first); err != nil {
 				return err
 			}
-			if err := img.readBacking(tail, pos+n); err != nil {
+			if err := formats.ReadBacking(img.backing, tail, pos+n); err != nil {
 				return err
 			}
 		}

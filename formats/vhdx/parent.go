@@ -3,7 +3,6 @@ package vhdx
 import (
 	"encoding/binary"
 	"fmt"
-	"io"
 	"strings"
 	"unicode/utf16"
 
@@ -77,21 +76,6 @@ func (img *Image) BackingInfo() (name, format string) {
 		return "", ""
 	}
 	return img.parentPath, "vhdx"
-}
-
-// readParent reads guest bytes of the parent; past its end, or without
-// an open parent, they read as zeroes.
-func (img *Image) readParent(p []byte, off int64) error {
-	n := 0
-	if img.parent != nil && off < img.parent.Size() {
-		m := int(min(int64(len(p)), img.parent.Size()-off))
-		if _, err := img.parent.ReadAt(p[:m], off); err != nil && err != io.EOF {
-			return err
-		}
-		n = m
-	}
-	clear(p[n:])
-	return nil
 }
 
 // sectorRuns calls fn for each run of sectors of [pos, pos+n) (inside

@@ -589,10 +589,10 @@ func (img *Image) readBlock(p []byte, pos int64) error {
 				_, err := img.f.ReadAt(buf, host+at-pos)
 				return err
 			}
-			return img.readParent(buf, at)
+			return formats.ReadBacking(img.parent, buf, at)
 		})
 	case img.hasParent && state != blockZero:
-		return img.readParent(p, pos)
+		return formats.ReadBacking(img.parent, p, pos)
 	}
 	clear(p)
 	return nil

@@ -85,7 +85,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 			if !valid {
 				return done, fmt.Errorf("%s: parent CID does not match the backing image: %w", img.file.Name(), errInval)
 			}
-			if err := img.readBacking(buf, pos); err != nil {
+			if err := formats.ReadBacking(img.backing, buf, pos); err != nil {
 				return done, err
 			}
 		default:
@@ -190,7 +190,7 @@ func (img *Image) allocateGrain(e *extent, state grainState, w where, grainStart
 			if !img.backingValid() {
 				return fmt.Errorf("%s: parent CID does not match the backing image: %w", img.file.Name(), errInval)
 			}
-			if err := img.readBacking(grain, grainStart); err != nil {
+			if err := formats.ReadBacking(img.backing, grain, grainStart); err != nil {
 				return err
 			}
 		}

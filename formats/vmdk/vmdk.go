@@ -15,7 +15,6 @@ package vmdk
 import (
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"math/rand/v2"
 	"path/filepath"
@@ -550,14 +549,3 @@ var (
 	errIO    = formats.ErrnoError{Err: unix.EIO}
 	errInval = formats.ErrnoError{Err: unix.EINVAL}
 )
-
-// readBacking fills p with the parent's bytes at off (zeroes past its
-// end).
-func (img *Image) readBacking(p []byte, off int64) error {
-	n, err := img.backing.ReadAt(p, off)
-	if err == io.EOF {
-		clear(p[n:])
-		return nil
-	}
-	return err
-}
