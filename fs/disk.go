@@ -14,7 +14,7 @@ import (
 )
 
 // diskNode is the `disk` file: the image's guest-visible bytes, its size
-// the virtual size. Reads go through the kernel's page cache.
+// the virtual size.
 type diskNode struct {
 	gofs.Inode
 	dir *imageDir
@@ -78,9 +78,23 @@ func (n *diskNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 	if err != nil {
 		return nil, 0, Errno(err)
 	}
-	var fuseFlags uint32
+	// Reads and writes go straight to the image (direct I/O), as to a
+	// block device: the kernel keeps no second copy of bytes the image
+	// file's page cache holds already, so a disk read once costs no more
+	// memory than the image file read once, and a read or write of up to
+	// maxRequest is one request. Measured on a qcow2 of a 4 GiB ext4 disk
+	// (dd, 1 MiB reads): direct I/O read 1.2-3.0 GB/s cold and 4.6-5.3
+	// re-read; through the page cache, 0.5-2.0 cold and 7-10 re-read,
+	// the cold reads slowed by filling the cache twice. Only mmap uses
+	// the page cache (CAP_DIRECT_IO_ALLOW_MMAP); keep tells the kernel
+	// whether what it holds of an earlier open is still right.
+	fuseFlags := uint32(fuse.FOPEN_DIRECT_IO)
+	if write {
+		// The image serialises what must be; the kernel need not.
+		fuseFlags |= fuse.FOPEN_PARALLEL_DIRECT_WRITES
+	}
 	if keep {
-		fuseFlags = fuse.FOPEN_KEEP_CACHE
+		fuseFlags |= fuse.FOPEN_KEEP_CACHE
 	}
 	return &diskHandle{dir: n.dir, writable: write}, fuseFlags, 0
 }

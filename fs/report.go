@@ -62,7 +62,10 @@ func renderMap(ctx context.Context, img formats.Image, _ string) ([]byte, error)
 }
 
 func renderCheck(ctx context.Context, img formats.Image, path string) ([]byte, error) {
-	return checkReport(ctx, img, path, formats.CheckReadOnly), nil
+	text := checkReport(ctx, img, path, formats.CheckReadOnly)
+	// A check the reader gave up on (a signal interrupts the request)
+	// is no report to keep: the restarted call runs it again.
+	return text, ctx.Err()
 }
 
 // checkReport runs a check and renders it as `imgfs check` prints it:

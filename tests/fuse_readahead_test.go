@@ -11,8 +11,8 @@ import (
 
 // TestFUSEReadAhead checks that a mount raises its readahead from the
 // kernel's 128 KiB for FUSE to 1 MiB, or to what -o read_ahead_kb says:
-// sequential readers, a loop device under a guest filesystem above all,
-// depend on it.
+// sequential readers of the files read through the page cache (convert-to/
+// outputs, snapshots/ views) depend on it.
 func TestFUSEReadAhead(t *testing.T) {
 	requireFUSE(t)
 	src := t.TempDir()
