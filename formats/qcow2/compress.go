@@ -36,12 +36,15 @@ var (
 	})
 	// One zstd encoder at its fastest level, able to run on every core
 	// at once: EncodeAll runs at most WithEncoderConcurrency encodes at a
-	// time. The fastest level compresses real disk contents about as well
-	// as QEMU's libzstd default (level 3) in less than half the time of
-	// the library's default.
+	// time. On the files of a Debian /usr, in 64 KiB clusters, the
+	// fastest level's output is 6 % larger than QEMU's libzstd default
+	// (level 3) and takes 0.75x the CPU time of the library's default
+	// level (1 % larger than QEMU's). Entropy-coding literals of blocks
+	// without matches takes another 0.7 % off for no measurable time.
 	zstdEncoder = sync.OnceValues(func() (*zstd.Encoder, error) {
 		return zstd.NewWriter(nil, zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)),
-			zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderCRC(false))
+			zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithAllLitEntropyCompression(true),
+			zstd.WithEncoderCRC(false))
 	})
 )
 
