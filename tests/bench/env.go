@@ -123,7 +123,42 @@ func lastLines(s string, n int) string {
 // pays nothing for the writeback of the run before it.
 func dropCaches() error {
 	unix.Sync()
-	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0)
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0); err != nil {
+		return err
+	}
+	settleFreeMemory()
+	return nil
+}
+
+// reportedKiB counts the free memory a VM's balloon driver has given
+// back to the host (free page reporting); it is absent elsewhere.
+const reportedKiB = "/sys/module/page_reporting/parameters/reported_kib"
+
+// settleFreeMemory waits, on a VM that reports free pages to its host,
+// until the memory drop_caches freed has gone back to the host: the
+// count stands still for 3 s (the driver reports in bursts a couple of
+// seconds apart), at most 30 s. Each page a program then touches costs
+// a host page fault, ten times a guest page allocation; a run that
+// starts before the reporting is done gets some of its pages cheap, and
+// how many depends on the timing, which made single runs of the same
+// convert vary between 1.2 and 7 s. Settled, every run of every side
+// starts from the same state.
+func settleFreeMemory() {
+	last, err := os.ReadFile(reportedKiB)
+	if err != nil {
+		return
+	}
+	still := time.Now()
+	for start := time.Now(); time.Since(start) < 30*time.Second && time.Since(still) < 3*time.Second; {
+		time.Sleep(250 * time.Millisecond)
+		cur, err := os.ReadFile(reportedKiB)
+		if err != nil {
+			return
+		}
+		if !bytes.Equal(cur, last) {
+			last, still = cur, time.Now()
+		}
+	}
 }
 
 // machineInfo describes the machine and the peers' versions for the

@@ -33,6 +33,9 @@
 //   - Every measured run of every side starts after sync and
 //     drop_caches, and FUSE runs on a freshly started server, so both
 //     start cold and neither pays for the writeback of an earlier run.
+//     On a VM that gives free memory back to its host (free page
+//     reporting), the run waits until the memory freed is given back,
+//     so that every run pays the same for the pages it touches.
 //   - Outputs are removed between runs. Neither qemu-img convert nor
 //     imgfs convert syncs its output at the end, so neither is timed
 //     with a sync; the FUSE write scenario ends with sync for both.
