@@ -138,11 +138,11 @@ const reportedKiB = "/sys/module/page_reporting/parameters/reported_kib"
 // until the memory drop_caches freed has gone back to the host: the
 // count stands still for 3 s (the driver reports in bursts a couple of
 // seconds apart), at most 30 s. Each page a program then touches costs
-// a host page fault, ten times a guest page allocation; a run that
-// starts before the reporting is done gets some of its pages cheap, and
-// how many depends on the timing, which made single runs of the same
-// convert vary between 1.2 and 7 s. Settled, every run of every side
-// starts from the same state.
+// a host page fault, three to six times a guest page allocation (4 GiB:
+// 4-8.6 s against 1.4 s); a run that starts before the reporting is done
+// gets some of its pages cheap, how many depending on the timing, which
+// made single runs of the same convert vary between 1.2 and 7 s.
+// Settled, every run of every side starts from the same state.
 func settleFreeMemory() {
 	last, err := os.ReadFile(reportedKiB)
 	if err != nil {
