@@ -2,6 +2,7 @@ package control
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -139,10 +140,17 @@ func (c *comparer) run(ctx context.Context) (*CompareResult, error) {
 				break
 			}
 			chunk = min(chunk, compareBuf)
-			if err := c.read(o.Image1, o.Name1, c.buf1[:chunk], off); err != nil {
-				return nil, err
-			}
-			if err := c.read(o.Image2, o.Name2, c.buf2[:chunk], off); err != nil {
+			// Both reads at once: on a cold cache each waits for the
+			// disk, and the two images are independent.
+			var err2 error
+			read2 := make(chan struct{})
+			go func() {
+				defer close(read2)
+				err2 = c.read(o.Image2, o.Name2, c.buf2[:chunk], off)
+			}()
+			err1 := c.read(o.Image1, o.Name1, c.buf1[:chunk], off)
+			<-read2
+			if err := cmp.Or(err1, err2); err != nil {
 				return nil, err
 			}
 			if at := firstDifference(c.buf1[:chunk], c.buf2[:chunk]); at >= 0 {

@@ -124,6 +124,17 @@ func (f *File) ReadAt(p []byte, off int64) (int, error) {
 	return n, err
 }
 
+// WillNeed asks the kernel to start reading [off, off+n) into the page
+// cache and returns without waiting: callers that are about to read many
+// scattered pieces one after another let the disk work on the next ones
+// meanwhile. It is advice, so errors are ignored; direct files bypass the
+// page cache and get none.
+func (f *File) WillNeed(off, n int64) {
+	if !f.direct {
+		_ = unix.Fadvise(int(f.f.Fd()), off, n, unix.FADV_WILLNEED)
+	}
+}
+
 // WriteAt writes p at off.
 func (f *File) WriteAt(p []byte, off int64) (int, error) {
 	if f.readOnly {

@@ -92,3 +92,47 @@ func (c *tableCache) flush() error {
 	}
 	return nil
 }
+
+// readaheadTables is how many allocated L2 tables a walk in L1 order
+// keeps asked for ahead of the one it reads (2 MiB with 64 KiB
+// clusters).
+const readaheadTables = 32
+
+// tableReadahead keeps the kernel reading the L2 tables that a walk in
+// L1 order (map, check, convert, compare) will need next. Without it a
+// cold walk over an image with thousands of scattered tables waits for
+// the disk once per table.
+type tableReadahead struct {
+	// start is the L1 index of the miss that asked last, next the first
+	// index not asked for yet, and mark the index whose miss asks for
+	// more (half way through the tables asked for).
+	start, next, mark int64
+}
+
+// miss is called when the L2 table of L1 index i is not cached; entry
+// returns L1 entry j of the n the table has, and ask is given the host
+// offset of each table to read ahead.
+func (r *tableReadahead) miss(n int64, entry func(j int64) uint64, i int64, ask func(off uint64)) {
+	if i > r.start && i < r.mark {
+		return
+	}
+	if i < r.start || i >= r.next {
+		r.next = i + 1 // a jump: ask again from here on
+	}
+	r.start, r.mark = i, n
+	found := 0
+	j := i + 1
+	for ; j < n && found < readaheadTables; j++ {
+		off := entry(j) & OffsetMask
+		if off == 0 {
+			continue
+		}
+		if found++; found == readaheadTables/2 {
+			r.mark = j
+		}
+		if j >= r.next {
+			ask(off)
+		}
+	}
+	r.next = j
+}

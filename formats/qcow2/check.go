@@ -565,6 +565,10 @@ func (c *checker) checkL2(res *formats.CheckResult, a *refcountArray, l2Off uint
 	var nextContiguous uint64
 	for i := int64(0); i < c.l.L2Entries; i++ {
 		e := c.l.ReadL2Entry(table, i)
+		if e == (L2Entry{}) {
+			i += c.l.zeroEntries(table, i, c.l.L2Entries) - 1 // nothing to check
+			continue
+		}
 		typ := c.l.ClusterType(e)
 		if typ != Compressed && e.Raw&L2Reserved != 0 {
 			c.printf("ERROR found l2 entry with reserved bits set: %x", e.Raw)
@@ -672,14 +676,18 @@ func (c *checker) checkL1(res *formats.CheckResult, a *refcountArray, l1Off uint
 		res.CheckErrors++
 		return asErrno(err)
 	}
+	entry := func(j int64) uint64 { return binary.BigEndian.Uint64(buf[8*j:]) }
+	var ahead tableReadahead
+	ask := func(off uint64) { c.f.WillNeed(int64(off), c.l.ClusterSize) }
 	for i := uint64(0); i < uint64(l1Size); i++ {
 		if err := c.ctx.Err(); err != nil {
 			return err
 		}
-		e := binary.BigEndian.Uint64(buf[8*i:])
+		e := entry(int64(i))
 		if e == 0 {
 			continue
 		}
+		ahead.miss(int64(l1Size), entry, int64(i), ask)
 		if e&L1Reserved != 0 {
 			c.printf("ERROR found L1 entry with reserved bits set: %x", e)
 			res.Corruptions++
@@ -749,6 +757,10 @@ func (c *checker) checkOflagCopied(res *formats.CheckResult, fix fixFlags) error
 		dirty := int64(0)
 		for j := int64(0); j < c.l.L2Entries; j++ {
 			e := c.l.ReadL2Entry(table, j)
+			if e == (L2Entry{}) {
+				j += c.l.zeroEntries(table, j, c.l.L2Entries) - 1 // unallocated
+				continue
+			}
 			typ := c.l.ClusterType(e)
 			if typ != Normal && typ != ZeroAlloc {
 				continue

@@ -51,6 +51,9 @@ func (img *Image) l2Table(off uint64) (*cachedTable, error) {
 	return img.l2Cache.add(off, buf, false)
 }
 
+// willNeedCluster starts reading the metadata cluster at host offset off.
+func (img *Image) willNeedCluster(off uint64) { img.file.WillNeed(int64(off), img.lay.ClusterSize) }
+
 // lookup resolves guest bytes [off, off+maxLen) up to the first change of
 // storage kind, host contiguity or COPIED flag, and never past the end
 // of one L2 table or one compressed cluster. maxLen > 0.
@@ -71,9 +74,12 @@ func (img *Image) lookupIn(l1 []uint64, off, maxLen int64) (mapping, error) {
 	if l2off == 0 {
 		return mapping{length: maxLen, typ: Unallocated}, nil
 	}
-	t, err := img.l2Table(l2off)
-	if err != nil {
-		return mapping{}, err
+	t := img.l2Cache.get(l2off)
+	if t == nil {
+		img.l2Ahead.miss(int64(len(l1)), func(j int64) uint64 { return l1[j] }, l1i, img.willNeedCluster)
+		if t, err = img.l2Table(l2off); err != nil {
+			return mapping{}, err
+		}
 	}
 	var m mapping
 	pos := off
@@ -81,6 +87,21 @@ func (img *Image) lookupIn(l1 []uint64, off, maxLen int64) (mapping, error) {
 	for pos < end {
 		i := lay.L2Index(pos)
 		e := lay.ReadL2Entry(t.data, i)
+		if e == (L2Entry{}) {
+			// All-zero entries are unallocated clusters; a sparse
+			// table holds thousands in a row, taken in one step.
+			if pos != off && (m.typ != Unallocated || m.copied) {
+				break
+			}
+			if pos == off {
+				m = mapping{typ: Unallocated}
+			}
+			clusters := lay.zeroEntries(t.data, i, (end-pos+lay.ClusterSize-1)/lay.ClusterSize)
+			n := min(end, pos&^(lay.ClusterSize-1)+clusters*lay.ClusterSize) - pos
+			m.length += n
+			pos += n
+			continue
+		}
 		sc := (pos & (lay.ClusterSize - 1)) / lay.SubclusterSize
 		typ := lay.SubclusterType(e, int(sc))
 		if err := img.checkEntry(e, typ, l2off, i); err != nil {

@@ -65,6 +65,7 @@ type Image struct {
 	l1       []uint64 // active L1 table, host byte order
 	reftable []uint64 // refcount table, host byte order
 	l2Cache  *tableCache
+	l2Ahead  tableReadahead
 	rbCache  *tableCache
 	// crypt is the LUKS encryption of an encrypted image, else nil.
 	crypt *cryptoState

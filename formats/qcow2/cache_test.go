@@ -1,0 +1,83 @@
+package qcow2
+
+import "testing"
+
+// TestTableReadahead walks an L1 table with scattered L2 tables the way
+// map and check do: every table after the first must have been asked for
+// exactly once before its own miss, with at least half the window still
+// ahead; a jump back asks again from there.
+func TestTableReadahead(t *testing.T) {
+	const n = 1000
+	l1 := make([]uint64, n)
+	var tables []int64
+	for j := int64(3); j < n; j += 1 + j%7 {
+		l1[j] = uint64(j+1)<<16 | OflagCopied
+		tables = append(tables, j)
+	}
+	entry := func(j int64) uint64 { return l1[j] }
+	asked := map[uint64]int{}
+	var order []uint64
+	ask := func(off uint64) { asked[off]++; order = append(order, off) }
+
+	var r tableReadahead
+	for k, i := range tables {
+		r.miss(n, entry, i, ask)
+		if k > 0 && asked[l1[i]&OffsetMask] != 1 {
+			t.Fatalf("table of L1 index %d asked for %d times before its miss, want 1", i, asked[l1[i]&OffsetMask])
+		}
+		ahead := 0
+		for _, j := range tables[k+1:] {
+			if asked[l1[j]&OffsetMask] > 0 {
+				ahead++
+			}
+		}
+		if want := min(readaheadTables/2, len(tables)-k-1); ahead < want {
+			t.Fatalf("at L1 index %d only %d tables asked for ahead, want >= %d", i, ahead, want)
+		}
+	}
+	for off, c := range asked {
+		if c != 1 {
+			t.Errorf("table at %#x asked for %d times", off, c)
+		}
+	}
+	if len(asked) != len(tables)-1 {
+		t.Errorf("%d tables asked for, want %d", len(asked), len(tables)-1)
+	}
+
+	order = nil
+	r.miss(n, entry, tables[0], ask)
+	if len(order) != readaheadTables || order[0] != l1[tables[1]]&OffsetMask {
+		t.Errorf("after a jump back %d tables asked for starting at %#x, want %d from %#x", len(order), order[0], readaheadTables, l1[tables[1]]&OffsetMask)
+	}
+}
+
+// TestZeroEntries counts only whole zero entries, wherever the first
+// other one is, stops at max and at the table's end, and sees a
+// subcluster bitmap in an extended entry.
+func TestZeroEntries(t *testing.T) {
+	for _, ext := range []bool{false, true} {
+		h := &Header{ClusterBits: 16, RefcountOrder: 4}
+		if ext {
+			h.IncompatibleFeatures = IncompatExtendedL2
+		}
+		l := NewLayout(h)
+		table := make([]byte, l.ClusterSize)
+		for p := range l.L2Entries {
+			e := L2Entry{Raw: uint64(p+1) << 16}
+			if ext && p%2 == 1 {
+				e = L2Entry{Bitmap: 1} // unallocated, but not all zero
+			}
+			l.WriteL2Entry(table, p, e)
+			if got := l.zeroEntries(table, 0, l.L2Entries); got != p {
+				t.Fatalf("extended=%v: entry %d set: %d zero entries from 0, want %d", ext, p, got, p)
+			}
+			if got, want := l.zeroEntries(table, p+1, l.L2Entries), l.L2Entries-p-1; got != want {
+				t.Fatalf("extended=%v: entry %d set: %d zero entries after it, want %d", ext, p, got, want)
+			}
+			if got, want := l.zeroEntries(table, 0, 10), min(p, 10); got != want {
+				t.Fatalf("extended=%v: entry %d set: %d zero entries up to 10, want %d", ext, p, got, want)
+			}
+			l.WriteL2Entry(table, p, L2Entry{})
+		}
+	}
+}
