@@ -101,25 +101,30 @@ const readaheadTables = 32
 // tableReadahead keeps the kernel reading the L2 tables that a walk in
 // L1 order (map, check, convert, compare) will need next. Without it a
 // cold walk over an image with thousands of scattered tables waits for
-// the disk once per table.
+// the disk once per table. Misses that do not follow each other in L1
+// order (random I/O) ask for nothing.
 type tableReadahead struct {
-	// start is the L1 index of the miss that asked last, next the first
-	// index not asked for yet, and mark the index whose miss asks for
-	// more (half way through the tables asked for).
-	start, next, mark int64
+	// last is the L1 index of the last miss (valid once walked is set),
+	// next the first index not asked for yet, and mark the index from
+	// which a miss asks for more (half way through those asked for).
+	last, next, mark int64
+	walked           bool
 }
 
 // miss is called when the L2 table of L1 index i is not cached; entry
 // returns L1 entry j of the n the table has, and ask is given the host
 // offset of each table to read ahead.
 func (r *tableReadahead) miss(n int64, entry func(j int64) uint64, i int64, ask func(off uint64)) {
-	if i > r.start && i < r.mark {
+	seq := r.walked && i > r.last && !allocatedBetween(entry, r.last, i)
+	r.last, r.walked = i, true
+	if !seq {
+		r.next, r.mark = i+1, i+1 // start over; ask once the walk goes on
 		return
 	}
-	if i < r.start || i >= r.next {
-		r.next = i + 1 // a jump: ask again from here on
+	if i < r.mark {
+		return
 	}
-	r.start, r.mark = i, n
+	r.mark = n
 	found := 0
 	j := i + 1
 	for ; j < n && found < readaheadTables; j++ {
@@ -135,4 +140,18 @@ func (r *tableReadahead) miss(n int64, entry func(j int64) uint64, i int64, ask 
 		}
 	}
 	r.next = j
+}
+
+// allocatedBetween reports whether an L1 entry strictly between a and b
+// has a table; far apart counts as yes (not a walk, and no long scan).
+func allocatedBetween(entry func(j int64) uint64, a, b int64) bool {
+	if b-a > 4096 {
+		return true
+	}
+	for j := a + 1; j < b; j++ {
+		if entry(j)&OffsetMask != 0 {
+			return true
+		}
+	}
+	return false
 }
