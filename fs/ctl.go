@@ -529,7 +529,7 @@ var errOpen = fmt.Errorf("the image is open in the mount (close disk first): %w"
 func (d *imageDir) exclusive(fn func() error) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.img != nil {
+	if !d.waitClosedLocked() {
 		return errOpen
 	}
 	ce := d.t.src.chain(d.path)

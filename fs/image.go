@@ -6,6 +6,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -238,6 +239,23 @@ func (d *imageDir) release() {
 	if err := d.closeLocked(); err != nil {
 		d.t.logf("imgfs: closing %s: %v", d.path, err)
 	}
+}
+
+// releaseWait is how long commit and rebase wait for the image to
+// close: close(2) of disk returns before the kernel's RELEASE reaches
+// the server (FUSE sends it in the background), so a ctl write right
+// after closing disk would otherwise still find the image open.
+const releaseWait = 500 * time.Millisecond
+
+// waitClosedLocked waits, with d.mu held, up to releaseWait for the
+// image to be closed and reports whether it is.
+func (d *imageDir) waitClosedLocked() bool {
+	for deadline := time.Now().Add(releaseWait); d.img != nil && time.Now().Before(deadline); {
+		d.mu.Unlock()
+		time.Sleep(2 * time.Millisecond)
+		d.mu.Lock()
+	}
+	return d.img == nil
 }
 
 // closeImage closes the image whatever its references (shutdown).

@@ -67,7 +67,7 @@ func TestTableReadahead(t *testing.T) {
 }
 
 // TestZeroEntries counts only whole zero entries, wherever the first
-// other one is, stops at max and at the table's end, and sees a
+// other one is, stops at the limit and at the table's end, and sees a
 // subcluster bitmap in an extended entry.
 func TestZeroEntries(t *testing.T) {
 	for _, ext := range []bool{false, true} {

@@ -713,9 +713,9 @@ func (l *Layout) ReadL2Entry(table []byte, i int64) L2Entry {
 }
 
 // zeroEntries counts the all-zero entries of an L2 table from entry i
-// on, up to max of them.
-func (l *Layout) zeroEntries(table []byte, i, max int64) int64 {
-	b := table[i*l.L2EntrySize : min(i+max, l.L2Entries)*l.L2EntrySize]
+// on, up to limit of them.
+func (l *Layout) zeroEntries(table []byte, i, limit int64) int64 {
+	b := table[i*l.L2EntrySize : min(i+limit, l.L2Entries)*l.L2EntrySize]
 	n := 0
 	for n+len(zeroBlock) <= len(b) && bytes.Equal(b[n:n+len(zeroBlock)], zeroBlock[:]) {
 		n += len(zeroBlock) // vectorised: tables of 16 TiB images are mostly zero
