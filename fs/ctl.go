@@ -559,7 +559,8 @@ func (d *imageDir) siblingsChanged() {
 }
 
 // siblingOpen reports whether path is an image of the mount that the
-// mount has open: convert must not recreate it under its readers.
+// mount has open (after waiting releaseWait for it to close): convert
+// must not recreate it under its readers.
 func (d *imageDir) siblingOpen(path string) bool {
 	_, parent := d.Parent()
 	if parent == nil || filepath.Dir(filepath.Clean(path)) != d.t.src.dir {
@@ -575,7 +576,7 @@ func (d *imageDir) siblingOpen(path string) bool {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.img != nil
+	return !s.waitClosedLocked()
 }
 
 func (d *imageDir) ctlCommit(ctx context.Context, l *ctlLine, st *opState) error {

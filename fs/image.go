@@ -241,8 +241,8 @@ func (d *imageDir) release() {
 	}
 }
 
-// releaseWait is how long commit and rebase wait for the image to
-// close: close(2) of disk returns before the kernel's RELEASE reaches
+// releaseWait is how long commit and rebase wait for the image, and
+// convert for an output image open in the mount, to close: close(2) of disk returns before the kernel's RELEASE reaches
 // the server (FUSE sends it in the background), so a ctl write right
 // after closing disk would otherwise still find the image open.
 const releaseWait = 500 * time.Millisecond
