@@ -45,19 +45,49 @@ func (c *tableCache) add(offset uint64, data []byte, dirty bool) (*cachedTable, 
 		return t, nil
 	}
 	for c.lru.Len() >= c.max {
-		el := c.lru.Back()
-		t := el.Value.(*cachedTable)
-		if t.dirty {
-			if err := c.writeback(t); err != nil {
-				return nil, err
-			}
+		if _, err := c.evict(); err != nil {
+			return nil, err
 		}
-		c.lru.Remove(el)
-		delete(c.entries, t.offset)
 	}
 	t := &cachedTable{offset: offset, data: data, dirty: dirty}
 	c.entries[offset] = c.lru.PushFront(t)
 	return t, nil
+}
+
+// evict removes the least recently used entry, writing it back first
+// when dirty, and returns its buffer.
+func (c *tableCache) evict() ([]byte, error) {
+	el := c.lru.Back()
+	t := el.Value.(*cachedTable)
+	if t.dirty {
+		if err := c.writeback(t); err != nil {
+			return nil, err
+		}
+	}
+	c.lru.Remove(el)
+	delete(c.entries, t.offset)
+	return t.data, nil
+}
+
+// spare makes room for one more entry and returns an n-byte buffer for
+// it: the evicted entry's when the cache is full, so that a walk over
+// more tables than the cache holds reuses the cache's memory instead of
+// allocating a table per miss (560 MB for a 16 TiB image with a table
+// per 512 MiB). The contents are stale. Because of this reuse, a
+// *cachedTable and its data are valid only until the next spare on the
+// same cache.
+func (c *tableCache) spare(n int) ([]byte, error) {
+	if c.lru.Len() < c.max {
+		return make([]byte, n), nil
+	}
+	buf, err := c.evict()
+	if err != nil {
+		return nil, err
+	}
+	if len(buf) != n {
+		buf = make([]byte, n)
+	}
+	return buf, nil
 }
 
 // drop forgets the table at offset without writing it (after the

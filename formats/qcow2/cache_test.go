@@ -96,3 +96,39 @@ func TestZeroEntries(t *testing.T) {
 		}
 	}
 }
+
+// TestTableCacheSpare checks that a full cache hands out the buffer of
+// the entry it evicts, written back first when dirty, and that the
+// entry is gone; an empty cache allocates.
+func TestTableCacheSpare(t *testing.T) {
+	var written []uint64
+	c := newTableCache(2, func(t *cachedTable) error {
+		written = append(written, t.offset)
+		t.dirty = false
+		return nil
+	})
+	a := make([]byte, 16)
+	if _, err := c.add(1, a, true); err != nil {
+		t.Fatal(err)
+	}
+	if buf, err := c.spare(16); err != nil || len(buf) != 16 || &buf[0] == &a[0] {
+		t.Fatalf("spare of a cache with room = %p, %v; want a new buffer", buf, err)
+	}
+	if _, err := c.add(2, make([]byte, 16), false); err != nil {
+		t.Fatal(err)
+	}
+	c.get(2) // 1 is now the least recently used
+	buf, err := c.spare(16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if &buf[0] != &a[0] {
+		t.Errorf("spare of a full cache did not reuse the evicted entry's buffer")
+	}
+	if len(written) != 1 || written[0] != 1 {
+		t.Errorf("written back %v, want [1] (the dirty evicted entry)", written)
+	}
+	if c.get(1) != nil || c.get(2) == nil {
+		t.Errorf("after spare: entry 1 cached %v, entry 2 cached %v; want false, true", c.get(1) != nil, c.get(2) != nil)
+	}
+}

@@ -39,13 +39,17 @@ func (img *Image) l2OffsetIn(l1 []uint64, i int64) (uint64, error) {
 	return off, nil
 }
 
-// l2Table returns the cached L2 table at host offset off.
+// l2Table returns the cached L2 table at host offset off. It is valid
+// until the next l2Table or writableL2 call, which may reuse its memory.
 func (img *Image) l2Table(off uint64) (*cachedTable, error) {
 	if t := img.l2Cache.get(off); t != nil {
 		return t, nil
 	}
-	buf, err := img.readCluster(off)
+	buf, err := img.l2Cache.spare(int(img.lay.ClusterSize))
 	if err != nil {
+		return nil, err
+	}
+	if err := img.readClusterInto(buf, off); err != nil {
 		return nil, err
 	}
 	return img.l2Cache.add(off, buf, false)
@@ -167,15 +171,18 @@ func (img *Image) writableL2(i int64) (*cachedTable, error) {
 	if old != 0 && img.l1[i]&OflagCopied != 0 {
 		return img.l2Table(old)
 	}
-	var data []byte
+	data, err := img.l2Cache.spare(int(img.lay.ClusterSize))
+	if err != nil {
+		return nil, err
+	}
 	if old != 0 {
 		t, err := img.l2Table(old)
 		if err != nil {
 			return nil, err
 		}
-		data = append([]byte(nil), t.data...)
+		copy(data, t.data)
 	} else {
-		data = make([]byte, img.lay.ClusterSize)
+		clear(data)
 	}
 	off, err := img.allocClusters(1)
 	if err != nil {

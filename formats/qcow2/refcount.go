@@ -18,14 +18,19 @@ func (img *Image) corruptf(format string, args ...any) error {
 
 // readCluster reads one cluster of metadata at host offset off.
 func (img *Image) readCluster(off uint64) ([]byte, error) {
-	if off >= maxHostOffset {
-		return nil, img.corruptf("metadata offset %#x beyond the 56-bit limit", off)
-	}
 	buf := make([]byte, img.lay.ClusterSize)
-	if _, err := img.file.ReadAt(buf, int64(off)); err != nil {
-		return nil, fmt.Errorf("%s: reading metadata at %#x: %w", img.file.Name(), off, err)
+	return buf, img.readClusterInto(buf, off)
+}
+
+// readClusterInto reads the cluster-sized metadata at off into buf.
+func (img *Image) readClusterInto(buf []byte, off uint64) error {
+	if off >= maxHostOffset {
+		return img.corruptf("metadata offset %#x beyond the 56-bit limit", off)
 	}
-	return buf, nil
+	if _, err := img.file.ReadAt(buf, int64(off)); err != nil {
+		return fmt.Errorf("%s: reading metadata at %#x: %w", img.file.Name(), off, err)
+	}
+	return nil
 }
 
 // refblockAt returns refcount block i of the refcount table, loading it

@@ -25,6 +25,9 @@ type writeCase struct {
 	pre     []string // qemu-io commands on the image before the test
 	snap    bool     // take an internal snapshot after pre
 	ops     int      // random operations; 0 means 800
+	// tinyCache holds one L2 table, so that every table change evicts
+	// (writing back) and the next miss reuses the evicted buffer.
+	tinyCache bool
 }
 
 func writeCases() []writeCase {
@@ -48,6 +51,9 @@ func writeCases() []writeCase {
 			pre: []string{"write -c -P 0x12 0 1M", "write -P 0x34 2M 1M"}},
 		{name: "snapshot", size: 8 << 20, pre: []string{"write -P 0x56 0 3M", "write -c -P 0x78 4M 1M"}, snap: true},
 		{name: "metadata prealloc", opts: "preallocation=metadata", size: 8 << 20, ours: true},
+		{name: "512 clusters tiny L2 cache", opts: "cluster_size=512", size: 4 << 20, ours: true, tinyCache: true},
+		{name: "snapshot 512 clusters tiny L2 cache", opts: "cluster_size=512", size: 4 << 20, tinyCache: true,
+			pre: []string{"write -P 0x56 0 3M", "write -c -P 0x78 3M 512k"}, snap: true},
 	}
 }
 
@@ -132,6 +138,9 @@ func TestRandomWrites(t *testing.T) {
 			dir := t.TempDir()
 			name, s := buildWriteCase(t, dir, c)
 			img := openImg(t, name, false)
+			if c.tinyCache {
+				img.l2Cache.max = 1
+			}
 			rng := rand.New(rand.NewSource(int64(len(c.name))))
 			size := c.size
 			ops := 800
