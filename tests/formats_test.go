@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The cross-format differential matrix: what TestMatrix does for qcow2
@@ -96,7 +97,10 @@ const pbkdfFlake = "Unable to get accurate CPU usage"
 func runQemuImg(t testing.TB, dir string, args ...string) result {
 	t.Helper()
 	r := run(t, dir, qemuImg, args...)
-	for try := 0; try < 5 && strings.Contains(r.stderr, pbkdfFlake); try++ {
+	// Spread over a second: on a machine busy with the parallel tests,
+	// six runs in a row have all failed.
+	for try := 0; try < 20 && strings.Contains(r.stderr, pbkdfFlake); try++ {
+		time.Sleep(50 * time.Millisecond)
 		r = run(t, dir, qemuImg, args...)
 	}
 	return r
