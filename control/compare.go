@@ -49,21 +49,6 @@ const compareBuf = 2 << 20
 // the sector, convert detects zeroes by sectors.
 const sectorSize = 512
 
-// zeroPage is compared against to find zero data.
-var zeroPage [4096]byte
-
-// isZero reports whether b holds only zero bytes.
-func isZero(b []byte) bool {
-	for len(b) > 0 {
-		n := min(len(b), len(zeroPage))
-		if string(b[:n]) != string(zeroPage[:n]) {
-			return false
-		}
-		b = b[n:]
-	}
-	return true
-}
-
 // Block status bits as bdrv_block_status_above returns them; strict mode
 // compares them all.
 const (
@@ -232,7 +217,7 @@ func (c *comparer) nonZero(img formats.Image, name string, off, n int64) (int64,
 		return -1, err
 	}
 	for i := int64(0); i < n; i += sectorSize {
-		if !isZero(buf[i:min(i+sectorSize, n)]) {
+		if !formats.IsZero(buf[i:min(i+sectorSize, n)]) {
 			return off + i, nil
 		}
 	}

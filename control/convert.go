@@ -656,7 +656,7 @@ func (c *converter) prepare(ops []op, off, n int64, kind blockKind, chunk, cbuf 
 		return append(ops, op{off: off, n: n, kind: kind})
 	case c.compressor != nil:
 		// With -S 0 even zero clusters are stored (compressed).
-		if c.minSparse != 0 && isZero(chunk) {
+		if c.minSparse != 0 && formats.IsZero(chunk) {
 			return append(ops, op{off: off, n: n, kind: kindZero})
 		}
 		src := chunk
@@ -793,10 +793,10 @@ func allocatedSectors(buf []byte, n, sector, alignment int64) (bool, int64) {
 	if n <= 0 {
 		return false, 0
 	}
-	zero := isZero(buf[:sectorSize])
+	zero := formats.IsZero(buf[:sectorSize])
 	i := int64(1)
 	for ; i < n; i++ {
-		if isZero(buf[i*sectorSize:(i+1)*sectorSize]) != zero {
+		if formats.IsZero(buf[i*sectorSize:(i+1)*sectorSize]) != zero {
 			break
 		}
 	}

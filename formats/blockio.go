@@ -100,3 +100,19 @@ func WithHostHoles(f *File, e Extent) Extent {
 	}
 	return e
 }
+
+// zeroPage is what IsZero compares against.
+var zeroPage [4096]byte
+
+// IsZero reports whether b holds only zero bytes. It compares a page at
+// a time, which the runtime does with vector instructions.
+func IsZero(b []byte) bool {
+	for len(b) > 0 {
+		n := min(len(b), len(zeroPage))
+		if string(b[:n]) != string(zeroPage[:n]) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
+}

@@ -181,6 +181,17 @@ func (f *File) Size() (int64, error) {
 	return st.Size(), nil
 }
 
+// PastEnd reports whether off lies past the end of a regular file, so
+// that everything from there reads as zeroes until written (a device
+// has no such end).
+func (f *File) PastEnd(off int64) (bool, error) {
+	st, err := f.f.Stat()
+	if err != nil {
+		return false, err
+	}
+	return st.Mode().IsRegular() && off >= st.Size(), nil
+}
+
 // AllocatedSize is the number of bytes the file occupies on disk
 // (st_blocks * 512), what qemu-img info calls "disk size".
 func (f *File) AllocatedSize() (int64, error) {

@@ -103,6 +103,7 @@ func (img *Image) makeCompletelyEmpty(l1Clusters int64) error {
 		return err
 	}
 	clear(img.l1)
+	img.tablesChanged()
 	if err := zero(cs, (2+l1Clusters)*cs); err != nil {
 		return err
 	}
@@ -116,6 +117,7 @@ func (img *Image) makeCompletelyEmpty(l1Clusters int64) error {
 	img.hdr.L1TableOffset = uint64(3 * cs)
 	img.hdr.RefcountTableOffset, img.hdr.RefcountTableClusters = uint64(cs), 1
 	img.reftable = make([]uint64, cs/8)
+	img.tablesChanged()
 	img.newCaches()
 	img.l2NeedsRefcounts, img.refcountsNeedL2 = false, false
 	img.freeHint, img.freeBytePos = 0, 0
@@ -125,6 +127,7 @@ func (img *Image) makeCompletelyEmpty(l1Clusters int64) error {
 		return err
 	}
 	img.reftable[0] = uint64(2 * cs)
+	img.tablesChanged()
 	if err := img.updateRefcounts(0, 3+l1Clusters, 1); err != nil {
 		return err
 	}

@@ -327,7 +327,7 @@ func (img *Image) writeBitmapData(data []byte) (uint64, uint32, error) {
 	table := make([]byte, n*8)
 	for i := int64(0); i < n; i++ {
 		chunk := data[i*cs : min(int64(len(data)), (i+1)*cs)]
-		if isZero(chunk) {
+		if formats.IsZero(chunk) {
 			continue
 		}
 		off, err := img.allocClusters(1)
@@ -370,15 +370,6 @@ func (img *Image) freeBitmapTable(e *BitmapEntry) error {
 		}
 	}
 	return img.freeClusters(int64(e.TableOffset/cs), int64(divRoundUp(uint64(len(raw)), cs)), false)
-}
-
-func isZero(b []byte) bool {
-	for _, v := range b {
-		if v != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 func bitmapEntrySize(e *BitmapEntry) uint64 {

@@ -21,6 +21,10 @@ type cachedTable struct {
 	offset uint64
 	data   []byte
 	dirty  bool
+	// zeroOnDisk has bit i set while segment i of the table (see
+	// Layout.tableSegment) has never been written and reads as zeroes
+	// on disk: a new table beyond the end of the file.
+	zeroOnDisk uint64
 }
 
 func newTableCache(max int, writeback func(*cachedTable) error) *tableCache {

@@ -1506,6 +1506,7 @@ func (img *Image) adoptCheckState(c *checker) error {
 	img.hdr.IncompatibleFeatures = c.h.IncompatibleFeatures
 	img.reftable = c.reftable
 	img.l1 = c.l1
+	img.tablesChanged()
 	img.newCaches()
 	img.freeHint = 0
 	img.freeBytePos = 0

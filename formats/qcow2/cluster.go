@@ -2,6 +2,9 @@ package qcow2
 
 import (
 	"encoding/binary"
+	"slices"
+
+	"github.com/imgfs/imgfs/formats"
 )
 
 // Everything in this file runs with img.mu held.
@@ -188,13 +191,22 @@ func (img *Image) writableL2(i int64) (*cachedTable, error) {
 	if err != nil {
 		return nil, err
 	}
+	nt := cachedTable{offset: off, data: data}
+	if old == 0 {
+		if nt.zeroOnDisk, err = img.zeroSegments(off); err != nil {
+			return nil, err
+		}
+	}
 	// The new table's refcount, then the table, then the L1 entry.
 	if !img.lazyRefcounts() {
 		if err := img.flushRefcounts(); err != nil {
 			return nil, err
 		}
 	}
-	if err := img.writeSync(data, off); err != nil {
+	if err := img.storeTable(&nt); err != nil {
+		return nil, err
+	}
+	if err := img.file.Sync(); err != nil {
 		return nil, err
 	}
 	if err := img.setL1(i, off|OflagCopied); err != nil {
@@ -205,7 +217,58 @@ func (img *Image) writableL2(i int64) (*cachedTable, error) {
 			return nil, err
 		}
 	}
-	return img.l2Cache.add(off, data, false)
+	t, err := img.l2Cache.add(off, data, false)
+	if err != nil {
+		return nil, err
+	}
+	t.zeroOnDisk = nt.zeroOnDisk
+	return t, nil
+}
+
+// zeroSegments returns the zeroOnDisk bits of a new table at host offset
+// off: a table past the end of the file reads as zeroes except for its
+// last segment, which is written at once so that the file covers the
+// whole table as in QEMU's images (qemu-img check reports clusters past
+// the end).
+func (img *Image) zeroSegments(off uint64) (uint64, error) {
+	if past, err := img.file.PastEnd(int64(off)); err != nil || !past {
+		return 0, err
+	}
+	n := img.lay.ClusterSize / img.lay.tableSegment()
+	return 1<<(n-1) - 1, nil
+}
+
+// storeTable writes a cached table to its cluster, leaving out the
+// segments that are zero and still read as zeroes on disk: the tables
+// of a 16 TiB image with clusters scattered over it use one entry in
+// 8192, and writing them whole would fill the page cache and the disk
+// with zeroes.
+func (img *Image) storeTable(t *cachedTable) error {
+	if t.zeroOnDisk == 0 {
+		_, err := img.file.WriteAt(t.data, int64(t.offset))
+		return err
+	}
+	seg := img.lay.tableSegment()
+	n := int64(len(t.data)) / seg
+	skip := func(i int64) bool {
+		return t.zeroOnDisk&(1<<i) != 0 && formats.IsZero(t.data[i*seg:(i+1)*seg])
+	}
+	for i := int64(0); i < n; {
+		if skip(i) {
+			i++
+			continue
+		}
+		j := i + 1
+		for j < n && !skip(j) {
+			j++
+		}
+		if _, err := img.file.WriteAt(t.data[i*seg:j*seg], int64(t.offset)+i*seg); err != nil {
+			return err
+		}
+		t.zeroOnDisk &^= 1<<j - 1<<i
+		i = j
+	}
+	return nil
 }
 
 // setL1 updates L1 entry i in memory and on disk.
@@ -214,6 +277,18 @@ func (img *Image) setL1(i int64, e uint64) error {
 	binary.BigEndian.PutUint64(b[:], e)
 	if err := img.writeSync(b[:], img.hdr.L1TableOffset+uint64(i)*8); err != nil {
 		return err
+	}
+	if s := img.l2Sorted; s != nil {
+		if off := img.l1[i] & OffsetMask; off != 0 {
+			if j, found := slices.BinarySearch(s, off); found {
+				s = slices.Delete(s, j, j+1)
+			}
+		}
+		if off := e & OffsetMask; off != 0 {
+			j, _ := slices.BinarySearch(s, off)
+			s = slices.Insert(s, j, off)
+		}
+		img.l2Sorted = s
 	}
 	img.l1[i] = e
 	return nil

@@ -728,6 +728,11 @@ func (l *Layout) zeroEntries(table []byte, i, limit int64) int64 {
 
 var zeroBlock [256]byte
 
+// tableSegment is the unit in which storeTable leaves out zeroes of a
+// metadata table: a page, or the whole table when smaller, and at most a
+// 64th of it so that a uint64 has a bit per segment.
+func (l *Layout) tableSegment() int64 { return max(l.ClusterSize/64, min(l.ClusterSize, 4096)) }
+
 // WriteL2Entry stores entry i of an L2 table.
 func (l *Layout) WriteL2Entry(table []byte, i int64, e L2Entry) {
 	off := i * l.L2EntrySize

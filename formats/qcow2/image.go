@@ -67,6 +67,11 @@ type Image struct {
 	l2Cache  *tableCache
 	l2Ahead  tableReadahead
 	rbCache  *tableCache
+	// l2Sorted and rbSorted are the host offsets in l1 and reftable in
+	// order, for the overlap checks; nil until needed. setL1 keeps
+	// l2Sorted; any other change of either table calls tablesChanged.
+	l2Sorted, rbSorted []uint64
+
 	// crypt is the LUKS encryption of an encrypted image, else nil.
 	crypt *cryptoState
 	// snapshots and the bitmap directory as read at open or last

@@ -197,6 +197,7 @@ func (img *Image) changeRefcountOrder(newOrder uint32, progress func(done, total
 	}
 	img.lay = NewLayout(h)
 	img.reftable = table
+	img.tablesChanged()
 	img.newCaches()
 	img.freeHint = 0
 	for _, e := range oldTable {

@@ -125,6 +125,7 @@ func (img *Image) growL1(n int64) error {
 	}
 	oldOff, oldN := img.hdr.L1TableOffset, int64(len(img.l1))
 	img.l1 = table
+	img.tablesChanged()
 	img.hdr.L1TableOffset, img.hdr.L1Size = off, uint32(n)
 	if oldN > 0 {
 		c := (oldN*8 + img.lay.ClusterSize - 1) >> img.lay.ClusterBits

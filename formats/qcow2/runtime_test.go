@@ -99,9 +99,11 @@ func TestPassDiscardRequestOption(t *testing.T) {
 				t.Fatal(err)
 			}
 			// A punched megabyte is 2048 sectors; the file system's own
-			// metadata may differ by a few.
+			// metadata may differ by a few, and our new L2 table is
+			// written only where it has entries (storeTable): up to a
+			// cluster (128 sectors) less.
 			want, got := allocatedSectors(t, ref), allocatedSectors(t, ours)
-			if max(want-got, got-want) > 64 {
+			if got-want > 64 || want-got > 64+128 {
 				t.Errorf("file allocation: qemu-io %d sectors, ours %d", want, got)
 			}
 		})

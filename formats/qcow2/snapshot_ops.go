@@ -218,6 +218,7 @@ func (img *Image) ApplySnapshot(idOrName string) error {
 	// in-memory table follows the disk even when that fails.
 	err = img.updateSnapshotRefcount(img.l1, img.hdr.L1TableOffset, -1)
 	img.l1 = active
+	img.tablesChanged()
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // writeCase is an image to write to: created by qemu-img (so that
@@ -52,6 +54,8 @@ func writeCases() []writeCase {
 		{name: "snapshot", size: 8 << 20, pre: []string{"write -P 0x56 0 3M", "write -c -P 0x78 4M 1M"}, snap: true},
 		{name: "metadata prealloc", opts: "preallocation=metadata", size: 8 << 20, ours: true},
 		{name: "512 clusters tiny L2 cache", opts: "cluster_size=512", size: 4 << 20, ours: true, tinyCache: true},
+		// Two 4 KiB segments per table (storeTable), three tables.
+		{name: "8k clusters tiny L2 cache", opts: "cluster_size=8k", size: 24 << 20, ours: true, tinyCache: true, ops: 3000},
 		{name: "snapshot 512 clusters tiny L2 cache", opts: "cluster_size=512", size: 4 << 20, tinyCache: true,
 			pre: []string{"write -P 0x56 0 3M", "write -c -P 0x78 3M 512k"}, snap: true},
 	}
@@ -324,4 +328,113 @@ func TestConcurrentCOW(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustBeClean(t, name)
+}
+
+// TestSparseNewTables: an L2 table allocated past the end of the file is
+// written only where it has entries, plus its last segment so that the
+// file covers it; a segment written once is written again when its
+// entries are all zero again, or the old entry would come back.
+func TestSparseNewTables(t *testing.T) {
+	haveQemu(t)
+	name := filepath.Join(t.TempDir(), "s.qcow2")
+	// Version 2 has no zero flag: the discard below leaves a zero entry.
+	if err := createOpts(t, name, "size=1G,compat=0.10"); err != nil {
+		t.Fatal(err)
+	}
+	img := openImg(t, name, false)
+	const seg = 4096
+	const guest = 600 << 16 // L2 entry 600 of 8192: segment 1 of 16
+	if _, err := img.WriteAt(bytes.Repeat([]byte{0x5a}, 1<<16), guest); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	l2 := int64(img.l1[0] & OffsetMask)
+	f, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd := int(f.Fd())
+	for _, c := range []struct {
+		whence   int
+		from, to int64
+	}{
+		{unix.SEEK_DATA, l2, l2 + seg},         // segment 0 is a hole
+		{unix.SEEK_HOLE, l2 + seg, l2 + 2*seg}, // segment 1 holds the entry
+		{unix.SEEK_DATA, l2 + 2*seg, l2 + 15*seg},
+	} {
+		if got, err := unix.Seek(fd, c.from, c.whence); err != nil || got != c.to {
+			t.Errorf("lseek(%#x, whence %d) = %#x, %v; want %#x", c.from, c.whence, got, err, c.to)
+		}
+	}
+	if err := img.Discard(guest, 1<<16); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	var e [8]byte
+	if _, err := f.ReadAt(e[:], l2+600*8); err != nil || e != [8]byte{} {
+		t.Errorf("L2 entry on disk after the discard = %x, %v; want zero", e, err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mustBeClean(t, name)
+}
+
+// TestMetadataAtSorted compares the overlap check's lookups in the
+// sorted offsets with a scan of the L1 and refcount tables while setL1
+// (kept up to date) and whole-table changes (tablesChanged) move tables
+// around.
+func TestMetadataAtSorted(t *testing.T) {
+	haveQemu(t)
+	name := filepath.Join(t.TempDir(), "m.qcow2")
+	if err := createOpts(t, name, "size=64M,cluster_size=4k"); err != nil {
+		t.Fatal(err)
+	}
+	img := openImg(t, name, false)
+	defer img.Close()
+	cs := uint64(img.lay.ClusterSize)
+	scan := func(off, n uint64) string {
+		hit := func(table []uint64) bool {
+			for _, e := range table {
+				if h := e & OffsetMask; h != 0 && h < off+n && off < h+cs {
+					return true
+				}
+			}
+			return false
+		}
+		switch {
+		case hit(img.reftable):
+			return "refcount block"
+		case hit(img.l1):
+			return "active L2 table"
+		}
+		return ""
+	}
+	rng := rand.New(rand.NewSource(1))
+	const far = 1 << 30 // past the header, L1 and refcount tables
+	host := func() uint64 { return far + uint64(rng.Intn(4096))*cs/2 }
+	for i := 0; i < 3000; i++ {
+		switch rng.Intn(20) {
+		case 0:
+			img.reftable[1+rng.Intn(len(img.reftable)-1)] = host() &^ (cs - 1)
+			img.tablesChanged()
+		default:
+			e := uint64(0)
+			if rng.Intn(3) > 0 {
+				e = host() | OflagCopied
+			}
+			if err := img.setL1(int64(rng.Intn(len(img.l1))), e); err != nil {
+				t.Fatal(err)
+			}
+		}
+		off, n := host()+uint64(rng.Intn(int(cs))), 1+uint64(rng.Intn(int(3*cs)))
+		if got, want := img.metadataAt(off, n), scan(off, n); got != want {
+			t.Fatalf("step %d: metadataAt(%#x, %#x) = %q, a scan finds %q", i, off, n, got, want)
+		}
+	}
 }

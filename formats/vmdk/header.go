@@ -2,6 +2,8 @@ package vmdk
 
 import (
 	"encoding/binary"
+
+	"github.com/imgfs/imgfs/formats"
 )
 
 // On-disk structures of sparse extents, as block/vmdk.c reads them. All
@@ -164,7 +166,7 @@ func decodeSEConstHeader(b []byte) seConstHeader {
 		BackmapOffset: u(22), BackmapSize: u(23),
 		GrainsOffset: u(24), GrainsSize: u(25),
 	}
-	h.PadIsZero = isZero(b[26*8 : sectorSize])
+	h.PadIsZero = formats.IsZero(b[26*8 : sectorSize])
 	return h
 }
 
@@ -179,7 +181,7 @@ func decodeSEVolatileHeader(b []byte) seVolatileHeader {
 	return seVolatileHeader{
 		Magic: le.Uint64(b[0:]), FreeGTNumber: le.Uint64(b[8:]),
 		NextTxnSeqNumber: le.Uint64(b[16:]), ReplayJournal: le.Uint64(b[24:]),
-		PadIsZero: isZero(b[32:sectorSize]),
+		PadIsZero: formats.IsZero(b[32:sectorSize]),
 	}
 }
 
@@ -200,12 +202,3 @@ func decodeMarker(b []byte) marker {
 // grainMarkerSize is the marker in front of a compressed grain: lba and
 // size (VmdkGrainMarker).
 const grainMarkerSize = 12
-
-func isZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
