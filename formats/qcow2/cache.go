@@ -77,11 +77,13 @@ func (c *tableCache) evict() ([]byte, error) {
 // it: the evicted entry's when the cache is full, so that a walk over
 // more tables than the cache holds reuses the cache's memory instead of
 // allocating a table per miss (560 MB for a 16 TiB image with a table
-// per 512 MiB). The contents are stale. Because of this reuse, a
-// *cachedTable and its data are valid only until the next spare on the
-// same cache.
-func (c *tableCache) spare(n int) ([]byte, error) {
-	if c.lru.Len() < c.max {
+// per 512 MiB). A walk in L1 order (walking) needs each table once, so
+// it reuses buffers as soon as the cache holds walkTables rather than
+// growing it (and the process) to its maximum. The contents are stale.
+// Because of this reuse, a *cachedTable and its data are valid only
+// until the next spare on the same cache.
+func (c *tableCache) spare(n int, walking bool) ([]byte, error) {
+	if c.lru.Len() < c.max && (!walking || c.lru.Len() < walkTables) {
 		return make([]byte, n), nil
 	}
 	buf, err := c.evict()
@@ -132,6 +134,10 @@ func (c *tableCache) flush() error {
 // clusters).
 const readaheadTables = 32
 
+// walkTables is how many tables a walk in L1 order keeps cached: twice
+// those it reads ahead.
+const walkTables = 2 * readaheadTables
+
 // tableReadahead keeps the kernel reading the L2 tables that a walk in
 // L1 order (map, check, convert, compare) will need next. Without it a
 // cold walk over an image with thousands of scattered tables waits for
@@ -147,16 +153,17 @@ type tableReadahead struct {
 
 // miss is called when the L2 table of L1 index i is not cached; entry
 // returns L1 entry j of the n the table has, and ask is given the host
-// offset of each table to read ahead.
-func (r *tableReadahead) miss(n int64, entry func(j int64) uint64, i int64, ask func(off uint64)) {
+// offset of each table to read ahead. It reports whether the miss
+// follows the previous one in L1 order.
+func (r *tableReadahead) miss(n int64, entry func(j int64) uint64, i int64, ask func(off uint64)) bool {
 	seq := r.walked && i > r.last && !allocatedBetween(entry, r.last, i)
 	r.last, r.walked = i, true
 	if !seq {
 		r.next, r.mark = i+1, i+1 // start over; ask once the walk goes on
-		return
+		return false
 	}
 	if i < r.mark {
-		return
+		return true
 	}
 	r.mark = n
 	found := 0
@@ -174,6 +181,7 @@ func (r *tableReadahead) miss(n int64, entry func(j int64) uint64, i int64, ask 
 		}
 	}
 	r.next = j
+	return true
 }
 
 // allocatedBetween reports whether an L1 entry strictly between a and b

@@ -25,7 +25,9 @@ func TestTableReadahead(t *testing.T) {
 
 	var r tableReadahead
 	for k, i := range tables {
-		r.miss(n, entry, i, ask)
+		if walking := r.miss(n, entry, i, ask); walking != (k > 0) {
+			t.Fatalf("miss %d of the walk reported walking=%v", k, walking)
+		}
 		if k >= 2 && asked[host(i)] != 1 {
 			t.Fatalf("table of L1 index %d asked for %d times before its miss, want 1", i, asked[host(i)])
 		}
@@ -111,14 +113,14 @@ func TestTableCacheSpare(t *testing.T) {
 	if _, err := c.add(1, a, true); err != nil {
 		t.Fatal(err)
 	}
-	if buf, err := c.spare(16); err != nil || len(buf) != 16 || &buf[0] == &a[0] {
+	if buf, err := c.spare(16, false); err != nil || len(buf) != 16 || &buf[0] == &a[0] {
 		t.Fatalf("spare of a cache with room = %p, %v; want a new buffer", buf, err)
 	}
 	if _, err := c.add(2, make([]byte, 16), false); err != nil {
 		t.Fatal(err)
 	}
 	c.get(2) // 1 is now the least recently used
-	buf, err := c.spare(16)
+	buf, err := c.spare(16, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,5 +132,28 @@ func TestTableCacheSpare(t *testing.T) {
 	}
 	if c.get(1) != nil || c.get(2) == nil {
 		t.Errorf("after spare: entry 1 cached %v, entry 2 cached %v; want false, true", c.get(1) != nil, c.get(2) != nil)
+	}
+}
+
+// TestTableCacheSpareWalking: a walk reuses buffers once the cache holds
+// walkTables entries, other loads only when it is full.
+func TestTableCacheSpareWalking(t *testing.T) {
+	c := newTableCache(walkTables+10, func(*cachedTable) error { return nil })
+	bufs := map[*byte]bool{}
+	for i := range walkTables {
+		b := make([]byte, 16)
+		bufs[&b[0]] = true
+		if _, err := c.add(uint64(i), b, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b, err := c.spare(16, false); err != nil || bufs[&b[0]] {
+		t.Fatalf("spare(false) with room reused a buffer (err %v)", err)
+	}
+	if b, err := c.spare(16, true); err != nil || !bufs[&b[0]] {
+		t.Fatalf("spare(true) with %d tables cached did not reuse a buffer (err %v)", walkTables, err)
+	}
+	if c.lru.Len() != walkTables-1 {
+		t.Errorf("%d tables cached after spare(true), want %d", c.lru.Len(), walkTables-1)
 	}
 }

@@ -44,11 +44,15 @@ func (img *Image) l2OffsetIn(l1 []uint64, i int64) (uint64, error) {
 
 // l2Table returns the cached L2 table at host offset off. It is valid
 // until the next l2Table or writableL2 call, which may reuse its memory.
-func (img *Image) l2Table(off uint64) (*cachedTable, error) {
+func (img *Image) l2Table(off uint64) (*cachedTable, error) { return img.loadL2(off, false) }
+
+// loadL2 is l2Table; walking says the table is loaded by a walk in L1
+// order (tableCache.spare).
+func (img *Image) loadL2(off uint64, walking bool) (*cachedTable, error) {
 	if t := img.l2Cache.get(off); t != nil {
 		return t, nil
 	}
-	buf, err := img.l2Cache.spare(int(img.lay.ClusterSize))
+	buf, err := img.l2Cache.spare(int(img.lay.ClusterSize), walking)
 	if err != nil {
 		return nil, err
 	}
@@ -83,8 +87,8 @@ func (img *Image) lookupIn(l1 []uint64, off, maxLen int64) (mapping, error) {
 	}
 	t := img.l2Cache.get(l2off)
 	if t == nil {
-		img.l2Ahead.miss(int64(len(l1)), func(j int64) uint64 { return l1[j] }, l1i, img.willNeedCluster)
-		if t, err = img.l2Table(l2off); err != nil {
+		walking := img.l2Ahead.miss(int64(len(l1)), func(j int64) uint64 { return l1[j] }, l1i, img.willNeedCluster)
+		if t, err = img.loadL2(l2off, walking); err != nil {
 			return mapping{}, err
 		}
 	}
@@ -174,7 +178,7 @@ func (img *Image) writableL2(i int64) (*cachedTable, error) {
 	if old != 0 && img.l1[i]&OflagCopied != 0 {
 		return img.l2Table(old)
 	}
-	data, err := img.l2Cache.spare(int(img.lay.ClusterSize))
+	data, err := img.l2Cache.spare(int(img.lay.ClusterSize), false)
 	if err != nil {
 		return nil, err
 	}
